@@ -1,0 +1,120 @@
+"""Checkpoints: a state_dict plus a JSON spec, written atomically and read with weights_only=True.
+
+No module is ever pickled: the architecture is rebuilt from the spec (and, for slimmed models, from the
+structure it records), then the weights are loaded into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+FORMAT = "kdexport"
+FORMAT_VERSION = 1
+KINDS = ("model", "distilled")
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], spec: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write {format, spec (as JSON text), state_dict[, extra tensors/plain data]} atomically."""
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, **spec}
+    if spec.get("kind") not in KINDS:
+        raise ValueError(f"spec kind must be one of {KINDS}, got {spec.get('kind')!r}")
+    payload = {"format": FORMAT, "spec": json.dumps(spec), "state_dict": {k: v.detach().cpu() for k, v in
+                                                                          state_dict.items()}}
+    if extra:
+        payload["extra"] = extra
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path, with_extra: bool = False):
+    """Return (state_dict, spec), or (state_dict, spec, extra); CheckpointError for anything not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = "it contains pickled objects" if "weights_only" in str(exc) or "Unsupported global" in str(
+            exc) else "it is truncated or corrupt"
+        raise CheckpointError(f"cannot load {path}: {reason}; only kdexport checkpoints can be loaded") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("spec"), str):
+        raise CheckpointError(f"{path} is not a kdexport checkpoint; create one with `kdexport train` or "
+                              "`kdexport distill`")
+    try:
+        spec = json.loads(payload["spec"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has a corrupt spec; retrain or restore it") from None
+    if spec.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer kdexport (format {spec['format_version']}); upgrade")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} has no valid state_dict")
+    if with_extra:
+        return state, spec, payload.get("extra", {})
+    return state, spec
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild the exact architecture a spec describes (no weights)."""
+    import models
+
+    from .distill import DistilledStudent
+
+    common = dict(num_classes=spec["num_classes"], stem=spec["stem"], input_size=tuple(spec["input_size"]))
+    if spec["kind"] == "distilled":
+        model = DistilledStudent.from_names(spec["teacher"], spec["student"],
+                                            projector_factor=spec["projector_factor"], **common)
+    else:
+        model = models.create_model(spec["model"], **common)
+    if spec.get("structure"):
+        from .prune import apply_structure
+
+        apply_structure(model, spec["structure"])
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load a checkpoint's model, in eval mode."""
+    state, spec = load_checkpoint(path)
+    try:
+        model = build_model(spec)
+        model.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path} does not match the architecture its spec describes ({exc.__class__.__name__});"
+                              " the file is damaged or was edited") from None
+    return model.eval(), spec
+
+
+def model_spec(kind: str, *, num_classes: int, stem: str, input_size, dataset: str, mean, std, **fields) -> dict:
+    """The spec fields every checkpoint carries."""
+    return {"kind": kind, "num_classes": num_classes, "stem": stem, "input_size": list(input_size),
+            "dataset": dataset, "mean": list(mean), "std": list(std), **fields}

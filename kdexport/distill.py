@@ -1,0 +1,201 @@
+"""SimKD (Chen et al., CVPR 2022) and vanilla KD (Hinton et al. 2015).
+
+SimKD trains a projector that maps the student's last feature map onto the teacher's, with an MSE loss, and
+reuses the teacher's frozen classifier. The deployed `DistilledStudent` is student backbone -> projector ->
+teacher classifier: unlike the official code, it never runs the teacher backbone at inference. To make that
+possible the maps are aligned *after* the projector (adaptive average pooling to the smaller map), so the
+deployed forward pass is exactly the one that was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+
+from .errors import ConfigError
+
+METHODS = ("simkd", "kd")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = "simkd"
+    projector_factor: int = 2
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown distillation method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.projector_factor < 1:
+            raise ConfigError(f"--projector-factor must be >= 1, got {self.projector_factor}")
+        if not self.temperature > 0 or not 0 <= self.alpha <= 1:
+            raise ConfigError("--temperature must be > 0 and --alpha in [0, 1]")
+
+
+def build_projector(s_channels: int, t_channels: int, factor: int = 2) -> nn.Sequential:
+    """conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv1x1 -> BN -> ReLU, inner width t / factor."""
+    mid = max(1, t_channels // factor)
+    return nn.Sequential(
+        nn.Conv2d(s_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+        nn.Conv2d(mid, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels), nn.ReLU(inplace=True),
+    )
+
+
+class DistilledStudent(nn.Module):
+    """student.forward_features -> projector -> the teacher's (frozen) classifier. No teacher backbone inside."""
+
+    def __init__(self, student: nn.Module, projector: nn.Module, head: models.ClassifierHead):
+        super().__init__()
+        student.reset_classifier()  # its own classifier never runs: do not ship or count it
+        self.student, self.projector, self.head = student, projector, head
+        self.head.requires_grad_(False)
+
+    @classmethod
+    def from_models(cls, teacher: nn.Module, student: nn.Module, projector_factor: int = 2) -> DistilledStudent:
+        head = models.ClassifierHead(copy.deepcopy(teacher.get_classifier()), teacher.pool_first)
+        projector = build_projector(student.num_features, teacher.num_features, projector_factor)
+        return cls(student, projector, head)
+
+    @classmethod
+    def from_names(cls, teacher: str, student: str, *, num_classes: int, stem: str, input_size,
+                   projector_factor: int = 2) -> DistilledStudent:
+        t = models.create_model(teacher, num_classes, stem=stem, input_size=input_size)
+        s = models.create_model(student, num_classes, stem=stem, input_size=input_size)
+        return cls.from_models(t, s, projector_factor)
+
+    def train(self, mode: bool = True) -> DistilledStudent:
+        super().train(mode)
+        self.head.eval()  # frozen: its dropout stays off
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected map, in the teacher's feature space."""
+        return self.projector(self.student.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two maps to the smaller one's spatial size."""
+    ha, hb = a.shape[-2:], b.shape[-2:]
+    if ha == hb:
+        return a, b
+    size = (min(ha[0], hb[0]), min(ha[1], hb[1]))
+    return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+
+
+def simkd_step(teacher: nn.Module):
+    """Training step for a DistilledStudent: MSE between projected student features and teacher features."""
+
+    def step(student: DistilledStudent, x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            ft = teacher.forward_features(x)
+        fs = student.forward_features(x)
+        loss = F.mse_loss(*align(fs.float(), ft.float()))
+        with torch.no_grad():
+            logits = student.head(fs)
+        return loss, logits
+
+    return step
+
+
+def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, y: torch.Tensor, temperature: float,
+            alpha: float) -> torch.Tensor:
+    """Hinton KD: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits_s.float() / t, 1), F.log_softmax(logits_t.float() / t, 1),
+                  reduction="batchmean", log_target=True)
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(logits_s.float(), y)
+
+
+def kd_step(teacher: nn.Module, temperature: float, alpha: float):
+    def step(student: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            logits_t = teacher(x)
+        logits = student(x)
+        return kd_loss(logits, logits_t, y, temperature, alpha), logits
+
+    return step
+
+
+def distillation_step(student: nn.Module, teacher: nn.Module, method: str, temperature: float = 4.0,
+                      alpha: float = 0.9):
+    """The training objective of a student of either kind (also used for fine-tuning after pruning)."""
+    teacher.eval().requires_grad_(False)
+    if method == "simkd":
+        if not isinstance(student, DistilledStudent):
+            raise ConfigError("SimKD needs a DistilledStudent (a checkpoint written by `kdexport distill`)")
+        return simkd_step(teacher)
+    return kd_step(teacher, temperature, alpha)
+
+
+def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: DistillConfig) -> dict[str, Any]:
+    """The checkpoint spec of a student distilled from a teacher checkpoint."""
+    keep = {k: teacher_spec[k] for k in ("num_classes", "stem", "input_size", "dataset", "mean", "std")}
+    common = {"pair": pair.name, "teacher": pair.teacher, "student": pair.student,
+              "distill": {"method": config.method, "temperature": config.temperature, "alpha": config.alpha}}
+    if config.method == "simkd":
+        return {"kind": "distilled", **keep, **common, "projector_factor": config.projector_factor}
+    return {"kind": "model", **keep, **common, "model": pair.student}
+
+
+def new_student(spec: dict[str, Any], teacher: nn.Module) -> nn.Module:
+    """A freshly initialised student for `spec`, carrying the trained teacher's classifier for SimKD."""
+    s = models.create_model(spec["student"], spec["num_classes"], stem=spec["stem"],
+                            input_size=tuple(spec["input_size"]))
+    if spec["kind"] == "distilled":
+        return DistilledStudent.from_models(teacher, s, spec["projector_factor"])
+    return s
+
+
+__all__ = ["DistillConfig", "DistilledStudent", "build_projector", "align", "kd_loss", "distillation_step",
+           "student_spec", "new_student"]
+
+
+def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *, config: DistillConfig, recipe,
+            epochs: int, seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
+            resume: bool = False) -> dict[str, float]:
+    """Distil the pair's student from a trained teacher checkpoint; writes a student checkpoint at `out`."""
+    from .checkpoint import load_model
+    from .data import make_loader
+    from .errors import CheckpointError
+    from .train import fit, pick_device
+
+    teacher, tspec = load_model(teacher_ckpt)
+    if tspec["kind"] != "model":
+        raise CheckpointError(f"{teacher_ckpt} is a {tspec['kind']} checkpoint; the teacher must be a trained "
+                              "classifier (`kdexport train`)")
+    if pair_name is None:
+        raise ConfigError("--pair is required (a pair name or TEACHER:STUDENT)")
+    pair = models.resolve_pair(pair_name)
+    if tspec["model"] != pair.teacher:
+        raise CheckpointError(f"{teacher_ckpt} holds {tspec['model']}, but pair {pair.name} needs teacher "
+                              f"{pair.teacher}; pass the matching --teacher")
+    spec = student_spec(tspec, pair, config)
+    spec["run"] = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs,
+                   "recipe": recipe.to_dict(), "distill": spec["distill"]}
+    spec["recipe"] = recipe.to_dict()
+    spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
+    from .train import seed_everything
+
+    seed_everything(seed)
+    student = new_student(spec, teacher)
+    dev = pick_device(device)
+    teacher.to(dev)
+    step = distillation_step(student, teacher, config.method, config.temperature, config.alpha)
+    dataset = tspec["dataset"]
+    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed)
+    test = make_loader(dataset, "test", 256, data_dir)
+    return fit(student, step, train, test, recipe, epochs, Path(out), spec, device=dev, seed=seed, resume=resume,
+               label=f"distill {pair.student}")

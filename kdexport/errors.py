@@ -1,0 +1,21 @@
+"""User-facing errors: one line that says what to do. The CLI prints them without a traceback (exit 2)."""
+
+
+class KdexportError(Exception):
+    """A mistake in the user's input or environment, not a bug."""
+
+
+class ConfigError(KdexportError, ValueError):
+    """An option or config value outside its valid range."""
+
+
+class CheckpointError(KdexportError):
+    """A checkpoint that is missing, corrupt, foreign, or of the wrong kind."""
+
+
+class DataError(KdexportError):
+    """A dataset that is missing or not in the expected layout."""
+
+
+class TrainingError(KdexportError):
+    """A run that cannot go on (for example a non-finite loss)."""

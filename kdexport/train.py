@@ -1,0 +1,268 @@
+"""Supervised training and evaluation loops, shared by teacher training, distillation and fine-tuning.
+
+A run writes `<out>` (the checkpoint), `<out stem>.log.jsonl` (one line per epoch) and, while it runs,
+`<out stem>.state.pt` (model + optimiser + scheduler + RNG) so that `--resume` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, TrainingError
+
+stderr = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation hyper-parameters. Milestones are fractions of the run, so a recipe scales to any epoch count."""
+
+    name: str
+    lr: float
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    schedule: str = "step"  # step | cosine | constant
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # SimKD's 150/180/210 of 240 epochs
+    gamma: float = 0.1
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term in vanilla KD
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.schedule not in ("step", "cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose step, cosine or constant")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError("momentum must be in [0, 1) and weight decay >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES = {
+    # Malihi & Heidemann 2024: SGD, Nesterov momentum 0.9, lr 0.001, batch 64, weight decay 5e-4, T = 4
+    "paper": Recipe("paper", lr=0.001, nesterov=True, schedule="constant"),
+    # the official SimKD code: lr 0.05, step decay x0.1 at 62.5/75/87.5% of the run
+    "simkd": Recipe("simkd", lr=0.05),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """A named recipe with individual flags (those not None) overriding it."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-k with k capped at the class count)."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (topk[:, 0] == y).sum().item()
+        correct5 += (topk == y[:, None]).any(dim=1).sum().item()
+        total += len(y)
+    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+
+
+def make_optimizer(params, recipe: Recipe, epochs: int, steps_per_epoch: int):
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
+                          recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    total = max(1, epochs * steps_per_epoch)
+    if recipe.schedule == "step":
+        milestones = sorted({max(1, round(m * total)) for m in recipe.milestones})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, recipe.gamma)
+    elif recipe.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def run_paths(out: Path) -> tuple[Path, Path]:
+    """(state file for --resume, JSON-lines log) next to a checkpoint."""
+    return out.with_name(out.stem + ".state.pt"), out.with_name(out.stem + ".log.jsonl")
+
+
+def fit(
+    model: nn.Module,
+    step: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    recipe: Recipe,
+    epochs: int,
+    out: Path,
+    spec: dict[str, Any],
+    *,
+    params: Iterable[torch.nn.Parameter] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    resume: bool = False,
+    label: str = "train",
+    after_step: Callable[[nn.Module], None] | None = None,
+) -> dict[str, float]:
+    """Train `model` with `step(model, x, y) -> (loss, logits)`, evaluate, and save `out` with metrics in its spec."""
+    if epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0, got {epochs}")
+    device = torch.device(device)
+    seed_everything(seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path, log_path = run_paths(out)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    opt, sched = make_optimizer(params, recipe, epochs, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    start = 0
+    if resume and state_path.is_file():
+        saved_state, saved_spec, st = load_checkpoint(state_path, with_extra=True)
+        if saved_spec.get("run") != spec.get("run"):
+            raise CheckpointError(f"{state_path} belongs to a different run; delete it or drop --resume")
+        model.load_state_dict(saved_state)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        start = int(st["epoch"])
+        stderr.print(f"[{label}] resuming {out.name} at epoch {start + 1}/{epochs}")
+    elif not resume:
+        log_path.unlink(missing_ok=True)
+
+    metrics: dict[str, float] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=stderr,
+                  transient=False, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task(label, total=epochs * len(train_loader), completed=start * len(train_loader),
+                                 info="")
+        for epoch in range(start, epochs):
+            model.train()
+            seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
+            for i, (x, y) in enumerate(train_loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cuda:
+                    x = x.to(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                    loss, logits = step(model, x, y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"[{label}] loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                        "lower --lr or check the data")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                if after_step is not None:
+                    after_step(model)
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                ips = seen / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
+                                f"acc {100 * correct / seen:.1f}% {ips:.0f} img/s")
+            metrics = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
+                       "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                       "lr": opt.param_groups[0]["lr"], **evaluate(model, test_loader, device)}
+            with log_path.open("a") as fh:
+                fh.write(json.dumps({"stage": label, **metrics}) + "\n")
+            save_checkpoint(state_path, model.state_dict(), spec,
+                            extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "rng": torch.get_rng_state(), "epoch": epoch + 1})
+            if not stderr.is_terminal:
+                stderr.print(f"[{label}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
+                             f"top1 {metrics['top1']:.2f}% ({metrics['images_per_s']:.0f} img/s)")
+    if not metrics:
+        metrics = evaluate(model, test_loader, device)
+    model.to("cpu", memory_format=torch.contiguous_format)
+    final = {k: metrics[k] for k in ("top1", "top5")}
+    save_checkpoint(out, model.state_dict(), {**spec, "metrics": {**spec.get("metrics", {}), **final}})
+    state_path.unlink(missing_ok=True)
+    return final
+
+
+def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, recipe: Recipe, seed: int = 0,
+                     stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
+                     device: str | None = None, resume: bool = False, download: bool = False) -> dict[str, float]:
+    """Train a classifier (a teacher, or a student without distillation) with cross-entropy."""
+    import models
+
+    from .checkpoint import model_spec
+    from .data import dataset_info, make_loader
+
+    info = dataset_info(dataset, data_dir)
+    stem = stem or models.DEFAULT_STEM
+    model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
+                                input_size=info.input_size)
+    run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict()}
+    spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
+                      dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
+                      seed=seed, run=run)
+    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed, download=download)
+    test = make_loader(dataset, "test", 256, data_dir)
+    return fit(model, ce_step, train, test, recipe, epochs, Path(out), spec, device=pick_device(device), seed=seed,
+               resume=resume, label=f"train {model_name}")
+
+
+def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
+                        device: str | None = None) -> dict[str, Any]:
+    """Accuracy and both parameter counts of a checkpoint: `student_params` (paper) and `deployed_params`."""
+    from .checkpoint import load_model
+    from .data import make_loader
+    from .metrics import param_counts
+
+    model, spec = load_model(path)
+    dataset = dataset or spec["dataset"]
+    dev = pick_device(device)
+    acc = evaluate(model.to(dev), make_loader(dataset, "test", 256, data_dir), dev)
+    counts = param_counts(model)
+    return {"model": spec.get("pair") or spec.get("model"), "kind": spec["kind"], "dataset": dataset,
+            "top1": acc["top1"], "top5": acc["top5"], "student_params": counts.student_nonzero,
+            "deployed_params": counts.deployed_nonzero, "total_params": counts.total}

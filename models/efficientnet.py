@@ -1,0 +1,51 @@
+"""EfficientNet-B0..B5 on torchvision's definition (same width/depth multipliers, dropout and norm layers)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torchvision.models import efficientnet as tv
+
+from .base import ClassifierContract
+from .registry import register_model
+
+
+class EfficientNet(ClassifierContract, tv.EfficientNet):
+    def __init__(self, variant: str, width: float, depth: float, dropout: float, num_classes: int, stem: str):
+        setting, last_channel = tv._efficientnet_conf(variant, width_mult=width, depth_mult=depth)
+        norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01) if variant >= "efficientnet_b5" else None
+        super().__init__(setting, dropout, num_classes=num_classes, last_channel=last_channel, norm_layer=norm)
+        self.num_features = self.classifier[-1].in_features
+        if stem == "cifar":
+            self.features[0][0].stride = (1, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+
+_VARIANTS = {  # name: (width_mult, depth_mult, dropout), as torchvision's builders
+    "efficientnet_b0": (1.0, 1.0, 0.2),
+    "efficientnet_b1": (1.0, 1.1, 0.2),
+    "efficientnet_b2": (1.1, 1.2, 0.3),
+    "efficientnet_b3": (1.2, 1.4, 0.3),
+    "efficientnet_b4": (1.4, 1.8, 0.4),
+    "efficientnet_b5": (1.6, 2.2, 0.4),
+}
+
+
+def _register(variant: str) -> None:
+    width, depth, dropout = _VARIANTS[variant]
+
+    def factory(num_classes: int, stem: str, input_size) -> EfficientNet:
+        return EfficientNet(variant, width, depth, dropout, num_classes, stem)
+
+    factory.__name__ = variant
+    factory.__doc__ = f"{variant} (width {width}, depth {depth})."
+    register_model(factory)
+
+
+for _variant in _VARIANTS:
+    _register(_variant)
