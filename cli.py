@@ -20,7 +20,7 @@ from kdexport.errors import KdexportError, TrainingError
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-out = Console()
+stdout = Console()
 err = Console(stderr=True)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -60,7 +60,7 @@ def emit(rows: list[dict[str, Any]], title: str, as_json: bool, payload: Any = N
         table.add_column(key, justify="right" if isinstance(rows[0][key], int | float) else "left")
     for row in rows:
         table.add_row(*(fmt(v) for v in row.values()))
-    out.print(table)
+    stdout.print(table)
 
 
 def fmt(v: Any) -> str:
@@ -198,6 +198,74 @@ def evaluate(
 
     row = evaluate_checkpoint(checkpoint, dataset, data_dir, device)
     emit([row], f"evaluate {checkpoint.name}", as_json, payload=row)
+
+
+def split_csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@command
+def compress(
+    pair: Annotated[str, typer.Option(help="Pair name (see `kdexport pairs`) or TEACHER:STUDENT.")]
+    = "dens169-mobilenet",
+    dataset: Annotated[str, typer.Option(help="digits (embedded), cifar10, cifar100, mnist or imagefolder.")]
+    = "digits",
+    methods: Annotated[str, typer.Option(help="Comma list of pruning methods: weight, channel.")] = "weight,channel",
+    levels: Annotated[str, typer.Option(help="Pruning levels: 0,0.3,0.5 or start:stop:step.")] = "0,0.3,0.5,0.7,0.9",
+    repeats: Annotated[int, typer.Option(help="Repeats per level (seeds seed..seed+R-1).")] = 1,
+    teacher: Annotated[Path | None, typer.Option(help="Reuse a trained teacher checkpoint.")] = None,
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 12,
+    distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = 12,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
+    finetune_scope: Annotated[str, typer.Option(help="all, or head (projector only, as the paper).")] = "all",
+    recipe: Annotated[RecipeName, typer.Option(help="Recipe for teacher and distillation.")] = RecipeName.simkd,
+    stem: Annotated[Stem, typer.Option(help="imagenet (fast at 32x32) or cifar.")] = Stem.imagenet,
+    scope: Annotated[str, typer.Option(help="global or layer pruning.")] = "global",
+    round_to: Annotated[int, typer.Option(help="Channel counts are rounded to multiples of this.")] = 8,
+    tolerance: Annotated[float, typer.Option(help="Breakpoint: accuracy points allowed below unpruned.")] = 1.0,
+    breakpoint: Annotated[str, typer.Option(help="Breakpoint method: tolerance or knee.")] = "tolerance",
+    w1: Annotated[float, typer.Option(help="Efficiency weight of accuracy.")] = 0.5,
+    w2: Annotated[float, typer.Option(help="Efficiency weight of parameters / latency.")] = 0.5,
+    profile: Annotated[str | None, typer.Option(help="Measure latency with this backend (torch, ort-cpu, ...).")]
+    = None,
+    profile_batch: Annotated[int, typer.Option(help="The larger batch size measured with --profile.")] = 32,
+    out: Annotated[Path | None, typer.Option(help="Run directory [runs/<dataset>/<pair>].")] = None,
+    force: Annotated[bool, typer.Option(help="Recompute stages that are already done.")] = False,
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole pipeline: teacher -> SimKD student -> prune at each level -> fine-tune -> measure."""
+    from kdexport.pipeline import RunConfig, parse_levels
+    from kdexport.pipeline import compress as run_compress
+
+    cfg = RunConfig(pair=pair, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                    teacher_epochs=teacher_epochs, distill_epochs=distill_epochs, finetune_epochs=finetune_epochs,
+                    finetune_scope=finetune_scope, recipe=recipe.value, seed=seed, device=device, stem=stem.value,
+                    scope=scope, round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
+                    breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
+                    teacher=str(teacher) if teacher else None)
+    result = run_compress(cfg, split_csv(methods), parse_levels(levels), repeats, out, force,
+                          log=lambda msg: err.print(msg, highlight=False))
+    if as_json:
+        emit([], "", True, payload={"run_dir": str(result.run_dir), "rows": result.rows, "table": result.table,
+                                     "summary": result.summary})
+        return
+    for method, rows in result.table.items():
+        shown = []
+        for r in rows:
+            row = {"level": f"{r['level']:.0%}" + (" *" if r["breakpoint"] else ""), "top1 %": r["top1"],
+                   "nonzero params": round(r["params_nonzero"]), "deployed params": round(r["deployed_params"]),
+                   "MACs": round(r["effective_macs"]), "efficiency": r["perf_efficiency"]}
+            if r.get("latency_b1_ms"):
+                row.update({"b1 ms": r["latency_b1_ms"], "b1 speedup": r["speedup_b1"],
+                            f"b{profile_batch} ms": r["latency_bN_ms"], "latency eff.": r["latency_efficiency"]})
+            shown.append(row)
+        emit(shown, f"{method} pruning, {cfg.pair_spec.name} on {dataset} (* = breakpoint)", False)
+    for line in result.summary:
+        stdout.print(line, highlight=False)
+    stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 
 if __name__ == "__main__":

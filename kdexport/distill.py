@@ -10,8 +10,8 @@ deployed forward pass is exactly the one that was trained.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch

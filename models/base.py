@@ -8,7 +8,7 @@ from torch import nn
 
 
 def classify(classifier: nn.Module, feat: torch.Tensor, pool_first: bool = True) -> torch.Tensor:
-    """Logits from an unpooled feature map: global average pool, flatten, classifier (or conv classifier, then flatten)."""
+    """Logits from an unpooled map: pool, flatten, classifier (a conv classifier runs first, then flatten)."""
     if pool_first:
         return classifier(torch.flatten(F.adaptive_avg_pool2d(feat, 1), 1))
     return torch.flatten(classifier(feat), 1)

@@ -43,6 +43,7 @@ def resolve_pair(name: str) -> Pair:
         teacher, student = name.split(":", 1)
         unknown = [m for m in (teacher, student) if m not in list_models()]
         if unknown:
-            raise ConfigError(f"unknown model {unknown[0]!r} in pair {name!r}; known models: {', '.join(list_models())}")
+            known = ", ".join(list_models())
+            raise ConfigError(f"unknown model {unknown[0]!r} in pair {name!r}; known models: {known}")
         return Pair(name, teacher, student)
     raise ConfigError(f"unknown pair {name!r}; use one of {', '.join(PAIRS)} or TEACHER:STUDENT")
