@@ -163,6 +163,8 @@ def distill(
     projector_factor: Annotated[int, typer.Option(help="SimKD projector reduction factor f.")] = 2,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="KD weight of the soft loss.")] = 0.9,
+    cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
+                                                   "(official code: 0).")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
     recipe: Annotated[RecipeName, typer.Option(help="Hyper-parameter recipe.")] = RecipeName.simkd,
     lr: Annotated[float | None, typer.Option(help="Override the recipe's learning rate.")] = None,
@@ -178,7 +180,7 @@ def distill(
     from kdexport.distill import DistillConfig
     from kdexport.distill import distill as run_distill
 
-    config = DistillConfig(method.value, projector_factor, temperature, alpha)
+    config = DistillConfig(method.value, projector_factor, temperature, alpha, cls_weight)
     path = out or teacher.with_name("student.pt")
     metrics = run_distill(teacher, pair, path, config=config, recipe=recipe_from(recipe, lr, batch_size, weight_decay),
                           epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume)
@@ -266,6 +268,177 @@ def compress(
     for line in result.summary:
         stdout.print(line, highlight=False)
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    torch_sparse = "torch-sparse"
+    ort_cpu = "ort-cpu"
+    ort_cuda = "ort-cuda"
+    ort_trt = "ort-trt"
+    tensorrt = "tensorrt"
+
+
+@command
+def profile(
+    artifact: Annotated[Path, typer.Argument(help="A checkpoint (.pt), an ONNX model or a TensorRT engine.")],
+    backend: Annotated[BackendName, typer.Option(help="Runtime to measure; auto picks the fastest here.")]
+    = BackendName.auto,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda for GPU-only backends].")] = None,
+    batch: Annotated[str, typer.Option(help="Comma list of batch sizes.")] = "1,8,32",
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up queries per batch size.")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed queries per batch size.")] = 50,
+    threads: Annotated[int | None, typer.Option(help="CPU threads [all this process may use].")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure single-stream latency (p50/p90/p99), throughput and peak memory of an artifact."""
+    from kdexport.errors import ConfigError
+    from kdexport.profile import ProfileConfig
+    from kdexport.profile import profile as run_profile
+
+    try:
+        sizes = tuple(int(b) for b in split_csv(batch))
+    except ValueError:
+        raise ConfigError(f"--batch takes a comma list of integers, got {batch!r}") from None
+    result = run_profile(artifact, ProfileConfig(backend.value, device, sizes, warmup, iters, threads))
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False)
+    if as_json:
+        emit([], "", True, payload=result.to_dict())
+        return
+    env = result.environment
+    rows = [{"batch": r.batch, "p50 ms": r.p50_ms, "p90 ms": r.p90_ms, "p99 ms": r.p99_ms, "mean ms": r.mean_ms,
+             "std ms": r.std_ms, "images/s": r.throughput_ips, "peak RSS MiB": r.peak_rss_mb} for r in result.results]
+    where = env.get("gpu") if result.device == "cuda" else env.get("cpu_model")
+    emit(rows, f"{artifact.name}: {result.backend} on {result.device} ({where}), {result.threads} threads, "
+         f"{result.artifact_bytes or 0:,} bytes", False)
+
+
+# --------------------------------------------------------------------- study: sweep, stats, report, compare
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class ParamsKind(str, Enum):
+    student = "student"
+    deployed = "deployed"
+
+
+ParamsOpt = Annotated[ParamsKind, typer.Option(
+    "--params", help="Parameters in the efficiency: student (non-zero backbone, the paper's) or deployed.")]
+W1Opt = Annotated[float, typer.Option("--w1", help="Efficiency weight of accuracy.")]
+W2Opt = Annotated[float, typer.Option("--w2", help="Efficiency weight of parameters.")]
+ToleranceOpt = Annotated[float, typer.Option(help="Breakpoint tolerance in accuracy points.")]
+
+
+@command
+def sweep(
+    pairs: Annotated[str, typer.Option(help="Comma list of pairs / TEACHER:STUDENT, or all.")],
+    out: Annotated[Path, typer.Option(help="Study directory (results.sqlite + stage checkpoints).")],
+    dataset: Annotated[str, typer.Option(help="Dataset.")] = "digits",
+    methods: Annotated[str, typer.Option(help="Comma list of weight, channel.")] = "weight,channel",
+    levels: Annotated[str, typer.Option(help="START:STOP:STEP (STOP included) or a comma list.")] = "0:0.9:0.1",
+    repeats: Annotated[int, typer.Option(help="Repeats (seed + r) of distillation, pruning, fine-tuning.")] = 3,
+    executor: Annotated[Executor, typer.Option(help="local (in process) or ray (one task per cell).")]
+    = Executor.local,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join [start a local instance].")] = None,
+    profile: Annotated[str | None, typer.Option(help="Measure latency with this backend (e.g. torch, ort-cpu).")]
+    = None,
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 12,
+    distill_epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = 12,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the study (pairs x methods x levels x repeats), resumable; one row per cell in OUT/results.sqlite."""
+    from rich.markup import escape
+
+    from kdexport.sweep import SweepConfig, import_ray, parse_levels, parse_methods, parse_pairs, run_sweep
+
+    if executor is Executor.ray:
+        try:
+            import_ray()
+        except KdexportError as exc:  # printed here: its "[distributed]" is not rich markup
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+    config = SweepConfig(pairs=parse_pairs(pairs), levels=parse_levels(levels), out=out, dataset=dataset,
+                         methods=parse_methods(methods), repeats=repeats, seed=seed, teacher_epochs=teacher_epochs,
+                         distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, profile=profile,
+                         device=device, data_dir=str(data_dir) if data_dir else None)
+    summary = run_sweep(config, executor.value, address=address,
+                        log=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+    emit([summary], "sweep", as_json, payload=summary)
+
+
+@command
+def stats(
+    results: Annotated[Path, typer.Argument(help="A results store (.sqlite) or CSV (pair,method,accuracy,params"
+                                                 "[,repeat][,level]).")],
+    w1: W1Opt = 0.5,
+    w2: W2Opt = 0.5,
+    tolerance: ToleranceOpt = 1.0,
+    params: ParamsOpt = ParamsKind.student,
+    dataset: Annotated[str | None, typer.Option(help="Dataset, when the store holds several.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Paired t-test of channel vs weight efficiency across pairs (and Welch per pair over repeats)."""
+    from kdexport.stats import run_stats
+    from kdexport.sweep import stats_rows
+
+    res = run_stats(stats_rows(results, params.value, dataset), w1, w2, tolerance)
+    if as_json:
+        emit([], "", True, payload=res)
+        return
+    rows = []
+    for e in res["pairs"]:
+        w, c = e["weight"] or {}, e["channel"] or {}
+        rows.append({"pair": e["pair"], "weight eff.": w.get("efficiency"), "channel eff.": c.get("efficiency"),
+                     "diff": e["diff"], "weight level": w.get("level"), "channel level": c.get("level"),
+                     "repeats": max(w.get("repeats", 0), c.get("repeats", 0)),
+                     "welch p": (e["welch"] or {}).get("p")})
+    emit(rows, f"efficiency at the breakpoint ({params.value} parameters)", False)
+    emit([{k: res[k] for k in ("t", "p", "df", "n_pairs", "mean_diff")} | {"ci95": res["ci95"],
+          "effect_size": res["effect_size"]}], "paired t-test, channel - weight", False)
+
+
+@command
+def report(
+    results: Annotated[Path, typer.Argument(help="A results store (.sqlite) or CSV.")],
+    out: Annotated[Path, typer.Option(help="Directory for the PNG figures and index.html.")],
+    w1: W1Opt = 0.5,
+    w2: W2Opt = 0.5,
+    tolerance: ToleranceOpt = 1.0,
+    dataset: Annotated[str | None, typer.Option(help="Dataset, when the store holds several.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Figures (accuracy vs parameters, efficiency, per-layer sparsity, t-test, latency) and one HTML page."""
+    from kdexport.report import build_report
+
+    res = build_report(results, out, dataset=dataset, w1=w1, w2=w2, tolerance=tolerance)
+    for note in res["notes"]:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    emit([{"file": f} for f in [res["html"], *res["figures"]]], "report", as_json, payload=res)
+
+
+@command
+def compare(
+    ckpt_a: Annotated[Path, typer.Argument(help="First checkpoint.")],
+    ckpt_b: Annotated[Path, typer.Argument(help="Second checkpoint.")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset whose test split is used [A's].")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Where two models disagree: differing predictions, logit and weight L2 distances, accuracies."""
+    from kdexport.compare import compare_checkpoints
+
+    res = compare_checkpoints(ckpt_a, ckpt_b, dataset, data_dir, device)
+    emit([{"metric": k, "value": v} for k, v in res.items() if k not in ("a", "b")],
+         f"compare {ckpt_a.name} vs {ckpt_b.name}", as_json, payload=res)
 
 
 if __name__ == "__main__":

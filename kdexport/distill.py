@@ -31,6 +31,7 @@ class DistillConfig:
     projector_factor: int = 2
     temperature: float = 4.0
     alpha: float = 0.9
+    cls_weight: float = 0.0  # SimKD: weight of cross-entropy through the frozen teacher classifier (official: 0)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -39,6 +40,8 @@ class DistillConfig:
             raise ConfigError(f"--projector-factor must be >= 1, got {self.projector_factor}")
         if not self.temperature > 0 or not 0 <= self.alpha <= 1:
             raise ConfigError("--temperature must be > 0 and --alpha in [0, 1]")
+        if not self.cls_weight >= 0:
+            raise ConfigError(f"--cls-weight must be >= 0, got {self.cls_weight}")
 
 
 def build_projector(s_channels: int, t_channels: int, factor: int = 2) -> nn.Sequential:
@@ -95,14 +98,22 @@ def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
 
 
-def simkd_step(teacher: nn.Module):
-    """Training step for a DistilledStudent: MSE between projected student features and teacher features."""
+def simkd_step(teacher: nn.Module, cls_weight: float = 0.0):
+    """Training step for a DistilledStudent: MSE between projected student and teacher features.
+
+    `cls_weight` > 0 adds cross-entropy through the frozen teacher classifier (the official framework's
+    gamma, 0 in its SimKD runs). MSE weighs every channel alike, and on short runs with small maps the
+    student fits the teacher's class-irrelevant variance first; the CE term points it at the classifier's subspace.
+    """
 
     def step(student: DistilledStudent, x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
             ft = teacher.forward_features(x)
         fs = student.forward_features(x)
         loss = F.mse_loss(*align(fs.float(), ft.float()))
+        if cls_weight:
+            logits = student.head(fs)
+            return loss + cls_weight * F.cross_entropy(logits.float(), y), logits
         with torch.no_grad():
             logits = student.head(fs)
         return loss, logits
@@ -130,21 +141,32 @@ def kd_step(teacher: nn.Module, temperature: float, alpha: float):
 
 
 def distillation_step(student: nn.Module, teacher: nn.Module, method: str, temperature: float = 4.0,
-                      alpha: float = 0.9):
+                      alpha: float = 0.9, cls_weight: float = 0.0):
     """The training objective of a student of either kind (also used for fine-tuning after pruning)."""
     teacher.eval().requires_grad_(False)
     if method == "simkd":
         if not isinstance(student, DistilledStudent):
             raise ConfigError("SimKD needs a DistilledStudent (a checkpoint written by `kdexport distill`)")
-        return simkd_step(teacher)
+        return simkd_step(teacher, cls_weight)
     return kd_step(teacher, temperature, alpha)
+
+
+def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig) -> dict[str, Any]:
+    """What identifies a distillation run (see train.train_run)."""
+    return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+            "distill": distill_settings(config)}
+
+
+def distill_settings(config: DistillConfig) -> dict[str, Any]:
+    return {"method": config.method, "temperature": config.temperature, "alpha": config.alpha,
+            "cls_weight": config.cls_weight}
 
 
 def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: DistillConfig) -> dict[str, Any]:
     """The checkpoint spec of a student distilled from a teacher checkpoint."""
     keep = {k: teacher_spec[k] for k in ("num_classes", "stem", "input_size", "dataset", "mean", "std")}
     common = {"pair": pair.name, "teacher": pair.teacher, "student": pair.student,
-              "distill": {"method": config.method, "temperature": config.temperature, "alpha": config.alpha}}
+              "distill": distill_settings(config)}
     if config.method == "simkd":
         return {"kind": "distilled", **keep, **common, "projector_factor": config.projector_factor}
     return {"kind": "model", **keep, **common, "model": pair.student}
@@ -183,8 +205,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
         raise CheckpointError(f"{teacher_ckpt} holds {tspec['model']}, but pair {pair.name} needs teacher "
                               f"{pair.teacher}; pass the matching --teacher")
     spec = student_spec(tspec, pair, config)
-    spec["run"] = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs,
-                   "recipe": recipe.to_dict(), "distill": spec["distill"]}
+    spec["run"] = distill_run(pair, seed, epochs, recipe, config)
     spec["recipe"] = recipe.to_dict()
     spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
     from .train import seed_everything
@@ -193,7 +214,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     student = new_student(spec, teacher)
     dev = pick_device(device)
     teacher.to(dev)
-    step = distillation_step(student, teacher, config.method, config.temperature, config.alpha)
+    step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight)
     dataset = tspec["dataset"]
     train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed)
     test = make_loader(dataset, "test", 256, data_dir)

@@ -44,6 +44,7 @@ class RunConfig:
     stem: str = models.DEFAULT_STEM
     distill_method: str = "simkd"
     projector_factor: int = 2
+    cls_weight: float = 0.0
     scope: str = "global"
     round_to: int = 8
     w1: float = 0.5
@@ -136,12 +137,11 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
         if spec.get("dataset") != cfg.dataset:
             raise CheckpointError(f"{cfg.teacher} was trained on {spec.get('dataset')}, not {cfg.dataset}")
         return Path(cfg.teacher)
-    from .train import train_classifier
+    from .train import train_classifier, train_run
 
     path = run_dir / "teacher.pt"
     recipe = _recipe(cfg)
-    run = {"stage": "train", "model": pair.teacher, "seed": cfg.seed, "epochs": cfg.teacher_epochs,
-           "recipe": recipe.to_dict()}
+    run = train_run(pair.teacher, cfg.seed, cfg.teacher_epochs, recipe)
     if not _reusable(path, run, force):
         metrics = train_classifier(pair.teacher, cfg.dataset, path, epochs=cfg.teacher_epochs, recipe=recipe,
                                    seed=cfg.seed, stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
@@ -152,16 +152,14 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
 
 def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int | None = None) -> Path:
     """The distilled student run_dir/student.pt (student-s<seed>.pt for other seeds), distilled once."""
-    from .distill import DistillConfig, distill
+    from .distill import DistillConfig, distill, distill_run
 
     seed = cfg.seed if seed is None else seed
     teacher = ensure_teacher(cfg, run_dir, force)
     path = run_dir / ("student.pt" if seed == cfg.seed else f"student-s{seed}.pt")
-    config = DistillConfig(cfg.distill_method, cfg.projector_factor)
+    config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight)
     recipe = _recipe(cfg)
-    run = {"stage": "distill", "pair": cfg.pair_spec.name, "seed": seed, "epochs": cfg.distill_epochs,
-           "recipe": recipe.to_dict(), "distill": {"method": config.method, "temperature": config.temperature,
-                                                   "alpha": config.alpha}}
+    run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,
                           seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=not force)

@@ -174,7 +174,7 @@ def fit(
         torch.set_rng_state(st["rng"])
         start = int(st["epoch"])
         stderr.print(f"[{label}] resuming {out.name} at epoch {start + 1}/{epochs}")
-    elif not resume:
+    else:  # a fresh start (also --resume with no state left): the log starts over, no duplicate epochs
         log_path.unlink(missing_ok=True)
 
     metrics: dict[str, float] = {}
@@ -228,6 +228,11 @@ def fit(
     return final
 
 
+def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe) -> dict[str, Any]:
+    """What identifies a training run: a finished checkpoint is reused only for the same identity."""
+    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict()}
+
+
 def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, recipe: Recipe, seed: int = 0,
                      stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
                      device: str | None = None, resume: bool = False, download: bool = False) -> dict[str, float]:
@@ -241,7 +246,7 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
     stem = stem or models.DEFAULT_STEM
     model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
                                 input_size=info.input_size)
-    run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict()}
+    run = train_run(model_name, seed, epochs, recipe)
     spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
                       dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
                       seed=seed, run=run)
