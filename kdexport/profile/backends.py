@@ -153,12 +153,12 @@ class Artifact:
             self.spec_size = tuple(spec["input_size"])
         return self._model
 
-    def onnx(self) -> Path | bytes:
+    def onnx(self, input_size=None) -> Path | bytes:
         if self.kind == "onnx":
             return self.path or self.data
         if self._onnx is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kdexport-profile-")
-            self._onnx = _onnx_for(self, Path(self._tmp.name) / "model.onnx")
+            self._onnx = _onnx_for(self, Path(self._tmp.name) / "model.onnx", input_size)
         return self._onnx
 
     def close(self) -> None:
@@ -181,14 +181,15 @@ def _onnx_bytes(path: Path) -> int:
     return total
 
 
-def _onnx_for(art: Artifact, out: Path) -> Path:
-    """The single hook into kdexport.export: a checkpoint/module as ONNX (dynamic batch) for ORT."""
+def _onnx_for(art: Artifact, out: Path, input_size=None) -> Path:
+    """The single hook into kdexport.export: a checkpoint/module as ONNX (dynamic batch) for ORT; a module
+    needs `input_size` (C, H, W), a checkpoint's defaults to its spec's."""
     try:
         from ..export import export_onnx
     except ImportError:
         raise BackendUnavailable("the ONNX Runtime backends need kdexport.export to convert a checkpoint or "
                                  "module, and this install has none: profile an .onnx file instead") from None
-    export_onnx(art.path if art.path is not None else art.model(), out)
+    export_onnx(art.path if art.path is not None else art.model(), out, input_size=input_size)
     return out
 
 
@@ -210,7 +211,7 @@ class _TorchRunner:
         if backend is Backend.TORCH_SPARSE:
             from kernels.modules import SparsifyConfig, sparsify_  # after .to(cuda): formats are built there
 
-            sparsify_(self.model, SparsifyConfig())
+            sparsify_(self.model, SparsifyConfig(input_size=self.input_size))
         self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
 
     def prepare(self, batch: int) -> Callable[[], Any]:
@@ -237,7 +238,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.ort, self.device = ort, ("cpu" if backend is Backend.ORT_CPU else "cuda")
-        source = art.onnx()
+        source = art.onnx(input_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
