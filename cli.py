@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdexport.errors import KdexportError, TrainingError
+from kdexport.errors import CheckFailed, KdexportError, TrainingError
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -24,10 +24,6 @@ stdout = Console()
 err = Console(stderr=True)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
-
-
-class CheckFailed(KdexportError):
-    """A run finished but its check did not pass (exit 1)."""
 
 
 def command(fn):
@@ -114,7 +110,10 @@ def pairs(num_classes: Annotated[int, typer.Option(help="Classes for the paramet
     import models as zoo
 
     def n_params(name: str) -> int:
-        return sum(p.numel() for p in zoo.create_model(name, num_classes).parameters())
+        import torch
+
+        with torch.device("meta"):  # shapes only: no weights are allocated or initialised
+            return sum(p.numel() for p in zoo.create_model(name, num_classes).parameters())
 
     rows = [{"name": p.name, "teacher": p.teacher, "student": p.student, "teacher_params": n_params(p.teacher),
              "student_params": n_params(p.student)} for p in zoo.PAIRS.values()]
@@ -164,7 +163,7 @@ def distill(
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="KD weight of the soft loss.")] = 0.9,
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
-                                                   "(official code: 0).")] = 0.0,
+                                                   "(0 = the official pure-MSE objective).")] = 1.0,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
     recipe: Annotated[RecipeName, typer.Option(help="Hyper-parameter recipe.")] = RecipeName.simkd,
     lr: Annotated[float | None, typer.Option(help="Override the recipe's learning rate.")] = None,
@@ -220,6 +219,8 @@ def compress(
     distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = 12,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
     finetune_scope: Annotated[str, typer.Option(help="all, or head (projector only, as the paper).")] = "all",
+    cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
+                                                   "(0 = the official pure-MSE objective).")] = 1.0,
     recipe: Annotated[RecipeName, typer.Option(help="Recipe for teacher and distillation.")] = RecipeName.simkd,
     stem: Annotated[Stem, typer.Option(help="imagenet (fast at 32x32) or cifar.")] = Stem.imagenet,
     scope: Annotated[str, typer.Option(help="global or layer pruning.")] = "global",
@@ -244,7 +245,8 @@ def compress(
 
     cfg = RunConfig(pair=pair, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                     teacher_epochs=teacher_epochs, distill_epochs=distill_epochs, finetune_epochs=finetune_epochs,
-                    finetune_scope=finetune_scope, recipe=recipe.value, seed=seed, device=device, stem=stem.value,
+                    finetune_scope=finetune_scope, cls_weight=cls_weight, recipe=recipe.value, seed=seed,
+                    device=device, stem=stem.value,
                     scope=scope, round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
                     breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
                     teacher=str(teacher) if teacher else None)
@@ -439,6 +441,109 @@ def compare(
     res = compare_checkpoints(ckpt_a, ckpt_b, dataset, data_dir, device)
     emit([{"metric": k, "value": v} for k, v in res.items() if k not in ("a", "b")],
          f"compare {ckpt_a.name} vs {ckpt_b.name}", as_json, payload=res)
+
+
+# ---------------------------------------------------------------------------------------------- export
+class ExportFormat(str, Enum):
+    """--format choices (kdexport.export.FORMAT_NAMES); trt is an alias of tensorrt."""
+
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+    trt = "trt"
+
+
+@command
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdexport checkpoint (trained, distilled or pruned).")],
+    format_: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (CPU or GPU) or tensorrt/trt "
+                                                  "(an engine for this GPU).")] = ExportFormat.onnx,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset, 13..20 [18].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Static batch size; with --dynamic the optimisation batch "
+                                              "[1].")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch axis (TensorRT profile 1..max(2N,32))."
+                                          )] = False,
+    half: Annotated[bool, typer.Option("--half", help="fp16 engine (tensorrt).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 QDQ by ONNX Runtime static quantisation; TensorRT "
+                                       "builds it with explicit quantisation.")] = False,
+    calib: Annotated[int | None, typer.Option(help="Calibration images from the train split [128].")] = None,
+    atol: Annotated[float | None, typer.Option(help="Parity tolerance on the logits (default: fp32 1e-4 under "
+                                               "ONNX Runtime, 1e-3 TensorRT; fp16 5e-2 x logit scale).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda: where the PyTorch reference runs (cpu).")]
+    = None,
+    workspace: Annotated[int | None, typer.Option(help="TensorRT workspace limit in MiB [1024].")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Test images for the int8 accuracy (all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: exports/ next to the checkpoint)."
+                                             )] = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to ONNX (fp32 / INT8) or a TensorRT engine, verified against PyTorch on real images."""
+    from rich.markup import escape
+
+    from kdexport.export import ExportConfig
+    from kdexport.export import export as run_export
+
+    given = dict(opset=opset, batch=batch, dynamic=dynamic, half=half, int8=int8, calib=calib, atol=atol,
+                 device=device, workspace=workspace, eval_limit=eval_limit, out=out, data_dir=data_dir)
+    try:
+        config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})
+        result = run_export(checkpoint, config)
+    except KdexportError as exc:  # `command` prints rich markup: keep "[tensorrt]" and "[1, 10]" literal
+        raise type(exc)(escape(str(exc))) from None
+    emit(result.rows(), f"export {checkpoint.name} -> {Path(result.out).name}", as_json, payload=result.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------- prune
+class PruneMethod(str, Enum):
+    weight = "weight"
+    channel = "channel"
+
+
+class PruneScope(str, Enum):
+    global_ = "global"
+    layer = "layer"
+
+
+class FinetuneScope(str, Enum):
+    all = "all"
+    head = "head"
+
+
+@command
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="A trained or distilled kdexport checkpoint.")],
+    method: Annotated[PruneMethod, typer.Option(help="weight (L1 unstructured masks) or channel (slimmer model).")],
+    amount: Annotated[float, typer.Option(help="Fraction in [0, 1) of the remaining weights / channels to remove.")],
+    scope: Annotated[PruneScope | None, typer.Option(help="global or layer ranking [weight: global, channel: "
+                                                     "layer].")] = None,
+    round_to: Annotated[int, typer.Option(help="Channel pruning keeps multiples of this many channels.")] = 8,
+    steps: Annotated[int, typer.Option(help="Iterative pruning steps (fine-tuning after each).")] = 1,
+    rewind: Annotated[bool, typer.Option("--rewind", help="Lottery-ticket rewinding to the input's weights after "
+                                         "each step.")] = False,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per step.")] = 0,
+    finetune_scope: Annotated[FinetuneScope, typer.Option(help="all, or head (projector / classifier only).")]
+    = FinetuneScope.all,
+    teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint [teacher.pt next to CHECKPOINT].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate [0.01, paper recipe].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory [the checkpoint's]; writes "
+                                             "<method>-<amount>.pt.")] = None,
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune a checkpoint by L1 magnitude (weights or channels), optionally fine-tune, and measure it."""
+    from kdexport.prune import PruneConfig, prune_checkpoint
+    from kdexport.train import get_recipe
+
+    config = PruneConfig(method.value, amount, scope.value if scope else None, round_to, steps, rewind)
+    path = (out or checkpoint.parent) / f"{config.method}-{config.amount:.2f}.pt"
+    row = prune_checkpoint(checkpoint, config, path, finetune_epochs=finetune_epochs,
+                           finetune_scope=finetune_scope.value, teacher_ckpt=teacher,
+                           recipe=get_recipe("paper", lr=0.01 if lr is None else lr), seed=seed, data_dir=data_dir,
+                           device=device)
+    emit([{"metric": k, "value": v} for k, v in row.items()], f"prune {checkpoint.name} -> {path.name}", as_json,
+         payload=row)
 
 
 if __name__ == "__main__":

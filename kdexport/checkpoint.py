@@ -61,8 +61,8 @@ def load_checkpoint(path: str | Path, with_extra: bool = False):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = "it contains pickled objects" if "weights_only" in str(exc) or "Unsupported global" in str(
-            exc) else "it is truncated or corrupt"
+        # only a disallowed GLOBAL means pickled objects; random bytes also fail inside the weights-only unpickler
+        reason = "it contains pickled objects" if "Unsupported global" in str(exc) else "it is truncated or corrupt"
         raise CheckpointError(f"cannot load {path}: {reason}; only kdexport checkpoints can be loaded") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("spec"), str):
         raise CheckpointError(f"{path} is not a kdexport checkpoint; create one with `kdexport train` or "

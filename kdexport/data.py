@@ -115,7 +115,7 @@ def _read_cifar_batch(path: Path) -> dict:
     try:
         with path.open("rb") as fh:
             batch = _CifarUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except Exception as exc:  # a damaged or crafted pickle can raise almost any type from the unpickler
         raise DataError(f"{path} is not a valid CIFAR batch ({exc}); re-extract the dataset archive") from None
     if not isinstance(batch, dict) or "data" not in batch:
         raise DataError(f"{path} is not a valid CIFAR batch (no 'data'); re-extract the dataset archive")
@@ -150,15 +150,20 @@ def read_idx(path: Path) -> np.ndarray:
     """Parse an MNIST idx file (optionally gzipped)."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path} is truncated or not gzip ({exc}); re-extract the MNIST archive") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file; re-extract the MNIST archive")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated (incomplete header); re-extract the MNIST archive")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
         raise DataError(f"{path} is truncated ({len(raw)} of {expected} bytes); re-extract the MNIST archive")
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable for torch
 
 
 def _mnist(root: Path, split: str) -> TensorDataset:
@@ -247,7 +252,10 @@ def sample_batch(name: str, n: int, root: str | Path | None = None, split: str =
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels, label_key: str = "labels") -> None:
-    """Write a CIFAR python batch (used by tests to build tiny datasets in the real layout)."""
+    """Write a CIFAR python batch (used by tests to build tiny datasets in the real layout).
+
+    `images` is uint8 N x 3 x 32 x 32 (channel-major, as the archive stores rows), not N x 32 x 32 x 3.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     pickle.dump({"data": images.reshape(len(images), -1), label_key: list(map(int, labels))}, buf, protocol=2)

@@ -10,6 +10,7 @@ deployed forward pass is exactly the one that was trained.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class DistillConfig:
     projector_factor: int = 2
     temperature: float = 4.0
     alpha: float = 0.9
-    cls_weight: float = 0.0  # SimKD: weight of cross-entropy through the frozen teacher classifier (official: 0)
+    cls_weight: float = 1.0  # SimKD: cross-entropy through the frozen teacher classifier (official code: 0)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,6 +88,28 @@ class DistilledStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+@torch.no_grad()
+def match_output_bn_(projector: nn.Sequential, teacher_features: torch.Tensor) -> None:
+    """Start the projector's output BN -> ReLU at the teacher's per-channel feature statistics.
+
+    For X = ReLU(g Z + b), Z ~ N(0, 1): P(X > 0) = Phi(r) and E[X] = g (phi(r) + r Phi(r)) with r = b / g.
+    Solving with the teacher's non-zero fraction and mean per channel gives (g, b). With small maps the
+    teacher's features are large (norm ~18 vs ~8 at init here), and SGD takes many epochs to grow BN's
+    affine parameters that far; this moment match removes that delay without changing the objective.
+    """
+    bn = projector[-2]
+    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != teacher_features.shape[1]:
+        raise ValueError("the projector must end in BatchNorm2d -> ReLU at the teacher's width")
+    normal = torch.distributions.Normal(0.0, 1.0)
+    feats = teacher_features.float().transpose(0, 1).flatten(1)  # (C, N*H*W)
+    positive = (feats > 0).float().mean(1).clamp(0.02, 0.98)
+    r = normal.icdf(positive)
+    g = feats.mean(1) / (normal.log_prob(r).exp() + r * positive)
+    g = g.clamp_min(1e-3)
+    bn.weight.copy_(g)
+    bn.bias.copy_(r * g)
 
 
 def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,11 +235,15 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
 
     seed_everything(seed)
     student = new_student(spec, teacher)
+    dataset = tspec["dataset"]
+    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed)
+    if config.method == "simkd":
+        with torch.no_grad():
+            calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])
+            match_output_bn_(student.projector, teacher.forward_features(calib))
     dev = pick_device(device)
     teacher.to(dev)
     step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight)
-    dataset = tspec["dataset"]
-    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed)
     test = make_loader(dataset, "test", 256, data_dir)
     return fit(student, step, train, test, recipe, epochs, Path(out), spec, device=dev, seed=seed, resume=resume,
                label=f"distill {pair.student}")

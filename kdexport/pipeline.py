@@ -44,7 +44,7 @@ class RunConfig:
     stem: str = models.DEFAULT_STEM
     distill_method: str = "simkd"
     projector_factor: int = 2
-    cls_weight: float = 0.0
+    cls_weight: float = 1.0
     scope: str = "global"
     round_to: int = 8
     w1: float = 0.5

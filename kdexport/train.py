@@ -244,6 +244,7 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
 
     info = dataset_info(dataset, data_dir)
     stem = stem or models.DEFAULT_STEM
+    seed_everything(seed)  # --seed also fixes the initial weights
     model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
                                 input_size=info.input_size)
     run = train_run(model_name, seed, epochs, recipe)

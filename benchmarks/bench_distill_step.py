@@ -1,0 +1,129 @@
+"""CPU cost of one SimKD training step against one plain (cross-entropy) training step of the same student.
+
+SimKD step: teacher.forward_features (no grad) + student backbone + projector + MSE + backward + SGD step.
+Plain step: student forward + cross-entropy + backward + SGD step. Both use the project's own step functions
+(`kdexport.distill.distillation_step`, `kdexport.train.ce_step`) on a batch of real digits images (32x32).
+The two are interleaved step by step after a warm-up, so load changes on a shared machine hit both alike;
+the ratio is of medians from the same run.
+
+    python benchmarks/bench_distill_step.py                      # dens169-mobilenet, batch 64, imagenet stem
+    python benchmarks/bench_distill_step.py --stem both --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import models
+from kdexport.data import sample_batch
+from kdexport.distill import DistilledStudent, distillation_step
+from kdexport.train import ce_step, get_recipe, make_optimizer
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
+
+
+def train_step(model, step, opt, sched, x, y) -> None:
+    loss, _ = step(model, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def bench_stem(pair: models.Pair, stem: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
+               factor: int) -> list[dict]:
+    torch.manual_seed(0)
+    teacher = models.create_model(pair.teacher, 10, stem=stem)
+    distilled = DistilledStudent.from_models(teacher, models.create_model(pair.student, 10, stem=stem), factor)
+    plain = models.create_model(pair.student, 10, stem=stem)
+    simkd = distillation_step(distilled, teacher, "simkd")  # puts the teacher in eval mode, frozen
+    recipe = get_recipe("simkd")
+    runs = {}
+    for name, model, step in [("SimKD step", distilled, simkd), ("plain CE step", plain, ce_step)]:
+        model.train()
+        opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe, 1, steps + warmup)
+        runs[name] = (model, step, opt, sched)
+
+    def teacher_forward(*_):
+        with torch.no_grad():
+            teacher.forward_features(x)
+
+    times: dict[str, list[float]] = {name: [] for name in [*runs, "teacher forward (no grad)"]}
+    for i in range(warmup + steps):
+        for name, (model, step, opt, sched) in runs.items():
+            t0 = time.perf_counter()
+            train_step(model, step, opt, sched, x, y)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        teacher_forward()
+        if i >= warmup:
+            times["teacher forward (no grad)"].append(time.perf_counter() - t0)
+
+    base = statistics.median(times["plain CE step"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"stem": stem, "step": name, "median_ms": 1e3 * med, "p10_ms": 1e3 * percentile(ts, 10),
+                     "p90_ms": 1e3 * percentile(ts, 90), "images_per_s": len(x) / med, "ratio": med / base})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pair", default="dens169-mobilenet")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stem", choices=["imagenet", "cifar", "both"], default="imagenet")
+    parser.add_argument("--projector-factor", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    pair = models.resolve_pair(args.pair)
+    x = sample_batch("digits", args.batch, split="train")
+    y = torch.arange(len(x)) % 10
+    stems = ["imagenet", "cifar"] if args.stem == "both" else [args.stem]
+    rows = [r for stem in stems for r in bench_stem(pair, stem, x, y, args.steps, args.warmup,
+                                                     args.projector_factor)]
+
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"### {pair.name} ({pair.teacher} -> {pair.student}): one training step, batch {len(x)}, "
+          f"32x32 digits, CPU\n")
+    print("| stem | step | median ms | p10 ms | p90 ms | images/s | x plain step |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['stem']} | {r['step']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f} | {r['p90_ms']:.1f} | "
+              f"{r['images_per_s']:.0f} | {r['ratio']:.2f} |")
+    print(f"\nCommand: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ")
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
+          f"load average {load} (1/5/15 min)  ")
+    print(f"Versions: Python {platform.python_version()}, torch {torch.__version__}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps of each kind, interleaved; "
+          f"SGD (simkd recipe), projector factor {args.projector_factor}")
+
+
+if __name__ == "__main__":
+    main()

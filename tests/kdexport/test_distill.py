@@ -1,0 +1,212 @@
+"""kdexport.distill: SimKD training signal, the deployed DistilledStudent, projector, alignment, vanilla KD."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from kdexport.data import sample_batch
+from kdexport.distill import (
+    DistillConfig,
+    DistilledStudent,
+    align,
+    build_projector,
+    distill,
+    distillation_step,
+    kd_loss,
+)
+from kdexport.errors import CheckpointError, ConfigError
+from kdexport.train import get_recipe
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_simkd_loss_decreases():
+    """Ten SGD steps of the real SimKD step (resnet18 teacher, lenet5 student) on 64 digits lower the MSE."""
+    torch.manual_seed(0)
+    teacher = models.create_model("resnet18")
+    student = DistilledStudent.from_models(teacher, models.create_model("lenet5"))
+    step = distillation_step(student, teacher, "simkd")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = sample_batch("digits", 64, split="train")
+    y = torch.zeros(64, dtype=torch.long)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    student.train()
+    losses = []
+    for _ in range(10):
+        loss, logits = step(student, x, y)
+        assert logits.shape == (64, 10) and not logits.requires_grad
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in student.head.parameters())
+
+
+@pytest.fixture(scope="module")
+def dens_mobile():
+    torch.manual_seed(0)
+    teacher = models.create_model("densenet169")
+    student = models.create_model("mobilenet")
+    backbone = n_params(student) - n_params(student.get_classifier())
+    return teacher, DistilledStudent.from_models(teacher, student, projector_factor=2), backbone
+
+
+def test_distilled_student_holds_no_teacher_backbone(dens_mobile):
+    teacher, ds, backbone = dens_mobile
+    expected = backbone + n_params(ds.projector) + n_params(teacher.get_classifier())
+    assert n_params(ds) == expected
+    assert n_params(ds.head) == 1664 * 10 + 10 and n_params(ds.student) == backbone
+    assert isinstance(ds.student.get_classifier(), nn.Identity)  # the student's own classifier is dropped
+    own = {id(p) for p in ds.parameters()}
+    parts = [*ds.student.parameters(), *ds.projector.parameters(), *ds.head.parameters()]
+    assert own == {id(p) for p in parts} and len(own) == len(parts)
+    assert not own & {id(p) for p in teacher.parameters()}  # the head is a copy, not the teacher's tensor
+    torch.testing.assert_close(ds.head.classifier.weight, teacher.get_classifier().weight)
+    keys = list(ds.state_dict())
+    assert not any("denseblock" in k or "transition" in k for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"student", "projector", "head"}
+
+
+def test_distilled_forward_is_student_projector_head(dens_mobile, digits_x):
+    _, ds, _ = dens_mobile
+    ds.eval()
+    with torch.inference_mode():
+        out = ds(digits_x)
+        torch.testing.assert_close(out, ds.head(ds.projector(ds.student.forward_features(digits_x))))
+    assert out.shape == (2, 10)
+
+
+def test_head_frozen_and_its_dropout_off_in_train_mode(digits_x):
+    torch.manual_seed(0)
+    teacher = models.create_model("efficientnet_b0")  # its classifier starts with Dropout(0.2)
+    ds = DistilledStudent.from_models(teacher, models.create_model("lenet5"))
+    assert isinstance(ds.head.classifier[0], nn.Dropout)
+    assert not any(p.requires_grad for p in ds.head.parameters())
+    assert all(p.requires_grad for p in ds.student.parameters()) and all(
+        p.requires_grad for p in ds.projector.parameters())
+    ds.train()
+    assert ds.training and ds.student.training and ds.projector.training and not ds.head.training
+    feat = torch.rand(4, 1280, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ds.head(feat), ds.head(feat), rtol=0, atol=0)
+
+
+def test_projector_structure():
+    proj = build_projector(120, 512, factor=2)
+    kinds = [type(m) for m in proj]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 3
+    convs = [m for m in proj if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (120, 256, (1, 1)), (256, 256, (3, 3)), (256, 512, (1, 1))]
+    assert convs[1].padding == (1, 1) and all(c.bias is None for c in convs)
+    assert proj[-3] is convs[-1]  # the last conv, which channel pruning must leave alone
+    assert build_projector(120, 512, factor=4)[0].out_channels == 128
+    out = proj(torch.rand(2, 120, 3, 3))
+    assert out.shape == (2, 512, 3, 3) and out.min() >= 0
+
+
+def test_res101_res18_projector_outweighs_the_student():
+    """The DESIGN's warning: with f=2 the projector (~12.07M) is larger than ResNet-18's backbone."""
+    proj = n_params(build_projector(512, 2048, factor=2))
+    assert proj == 512 * 1024 + 1024 * 1024 * 9 + 1024 * 2048 + 2 * (1024 + 1024 + 2048) == 12_066_816
+    with torch.device("meta"):
+        r18 = models.create_model("resnet18")
+    assert proj > n_params(r18) - n_params(r18.fc) == 11_176_512
+
+
+def test_align_pools_the_larger_map():
+    big = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    small = torch.rand(2, 3, 2, 2)
+    a, b = align(big, small)
+    assert a.shape == b.shape == (2, 3, 2, 2) and torch.equal(b, small)
+    torch.testing.assert_close(a, F.avg_pool2d(big, 2))
+    b2, a2 = align(small, big)
+    assert torch.equal(b2, small) and torch.equal(a2, a)
+    wide = torch.rand(2, 3, 2, 6)  # pooled per axis: to (2, 4) against a (4, 4) map
+    assert [t.shape[-2:] for t in align(wide, big)] == [(2, 4), (2, 4)]
+    same = torch.rand(2, 3, 4, 4)
+    assert align(big, same) == (big, same)
+
+
+def test_vanilla_kd_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    ls, lt = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    y = torch.tensor([1, 2, 3, 9])
+    t, alpha = 4.0, 0.9
+    p_t = (lt / t).exp() / (lt / t).exp().sum(1, keepdim=True)
+    log_p_s = ls / t - (ls / t).exp().sum(1, keepdim=True).log()
+    kl = (p_t * (p_t.log() - log_p_s)).sum() / 4
+    ce = -(ls - ls.exp().sum(1, keepdim=True).log())[torch.arange(4), y].mean()
+    torch.testing.assert_close(kd_loss(ls, lt, y, t, alpha), alpha * t * t * kl + (1 - alpha) * ce)
+    torch.testing.assert_close(kd_loss(ls, ls, y, t, 1.0), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_kd_step_uses_teacher_logits(digits_x):
+    torch.manual_seed(0)
+    teacher, student = models.create_model("lenet5"), models.create_model("lenet300_100")
+    step = distillation_step(student, teacher, "kd", temperature=2.0, alpha=0.5)
+    y = torch.tensor([0, 1])
+    loss, logits = step(student, digits_x, y)
+    with torch.no_grad():
+        expected = kd_loss(student(digits_x), teacher(digits_x), y, 2.0, 0.5)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert logits.shape == (2, 10) and loss.requires_grad
+
+
+def test_simkd_cls_weight_adds_cross_entropy_through_the_frozen_head(digits_x):
+    torch.manual_seed(0)
+    teacher = models.create_model("lenet5")
+    ds = DistilledStudent.from_models(teacher, models.create_model("lenet300_100")).eval()
+    y = torch.tensor([3, 7])
+    mse, logits0 = distillation_step(ds, teacher, "simkd")(ds, digits_x, y)
+    both, logits = distillation_step(ds, teacher, "simkd", cls_weight=0.5)(ds, digits_x, y)
+    torch.testing.assert_close(logits, logits0)
+    torch.testing.assert_close(both - mse, 0.5 * F.cross_entropy(logits, y))
+    both.backward()
+    assert all(p.grad is None for p in ds.head.parameters())
+    assert ds.projector[0].weight.grad.abs().sum() > 0 and ds.student.features[1].weight.grad is not None
+
+
+def test_simkd_needs_a_distilled_student():
+    with pytest.raises(ConfigError, match="DistilledStudent"):
+        distillation_step(models.create_model("lenet300_100"), models.create_model("lenet5"), "simkd")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="fitnet"), "fitnet"), (dict(projector_factor=0), "projector-factor"),
+    (dict(temperature=0.0), "temperature"), (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"),
+    (dict(cls_weight=-1.0), "cls-weight"),
+])
+def test_distill_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DistillConfig(**kwargs)
+
+
+def test_distill_config_defaults_and_frozen():
+    config = DistillConfig()
+    assert (config.method, config.projector_factor, config.temperature, config.alpha) == ("simkd", 2, 4.0, 0.9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.5  # type: ignore[misc]
+
+
+def test_distill_refuses_a_teacher_of_another_pair(teacher_ckpt, tmp_path):
+    kw = dict(config=DistillConfig(), recipe=get_recipe("simkd"), epochs=1, device="cpu")
+    with pytest.raises(CheckpointError, match="needs teacher resnet101"):
+        distill(teacher_ckpt, "res101-res18", tmp_path / "s.pt", **kw)
+    with pytest.raises(ConfigError, match="unknown pair"):
+        distill(teacher_ckpt, "nope", tmp_path / "s.pt", **kw)
+    with pytest.raises(CheckpointError, match="not found"):
+        distill(tmp_path / "missing.pt", "lenet5:lenet300_100", tmp_path / "s.pt", **kw)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,189 @@
+"""kdexport.train: the fit loop (non-finite loss, --resume), recipes, schedules and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from kdexport.checkpoint import load_checkpoint, load_model, model_spec
+from kdexport.data import dataset_info, make_loader
+from kdexport.errors import CheckpointError, ConfigError, TrainingError
+from kdexport.train import (
+    RECIPES,
+    ce_step,
+    evaluate,
+    evaluate_checkpoint,
+    fit,
+    get_recipe,
+    make_optimizer,
+    pick_device,
+    run_paths,
+    train_classifier,
+)
+
+INFO = dataset_info("digits")
+
+
+def spec_for(run: dict) -> dict:
+    return model_spec("model", num_classes=10, stem="imagenet", input_size=INFO.input_size, dataset="digits",
+                      mean=INFO.mean, std=INFO.std, model="lenet5", run=run)
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    """4 training steps per epoch (batch 8), 64 test images."""
+    return make_loader("digits", "train", 8, limit=32), make_loader("digits", "test", 64, limit=64)
+
+
+def epochs_logged(log) -> list[int]:
+    return [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, loaders):
+    calls = 0
+
+    def step(model, x, y):
+        nonlocal calls
+        calls += 1
+        loss, logits = ce_step(model, x, y)
+        return (loss * float("nan") if calls == 2 else loss), logits
+
+    out = tmp_path / "m.pt"
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 2"):
+        fit(models.create_model("lenet5"), step, *loaders, get_recipe("simkd"), 1, out, spec_for({"id": 1}))
+    assert not out.exists() and calls == 2
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_state_file(tmp_path, loaders):
+    out = tmp_path / "m.pt"
+    state, log = run_paths(out)
+    recipe, spec = get_recipe("simkd"), spec_for({"stage": "train", "epochs": 2})
+    calls = 0
+
+    def interrupt_in_epoch_2(model):
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # first step of the second epoch
+            raise Interrupted
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):
+        fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 2, out, spec, after_step=interrupt_in_epoch_2)
+    assert not out.exists() and state.is_file() and epochs_logged(log) == [1]
+    saved, _, extra = load_checkpoint(state, with_extra=True)
+    assert extra["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(extra)
+
+    with pytest.raises(CheckpointError, match="different run"):
+        fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 2, out, spec_for({"other": True}), resume=True)
+
+    resumed_steps = []
+    model = models.create_model("lenet5")
+    metrics = fit(model, ce_step, *loaders, recipe, 2, out, spec, resume=True,
+                  after_step=lambda m: resumed_steps.append(1))
+    assert len(resumed_steps) == 4  # only epoch 2 ran
+    assert epochs_logged(log) == [1, 2]
+    assert out.is_file() and not state.exists()
+    _, final_spec = load_model(out)
+    assert final_spec["metrics"] == metrics and 0 <= metrics["top1"] <= metrics["top5"] <= 100
+
+    # --resume with nothing left to resume is a fresh start: the log does not repeat epochs
+    fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 1, out, spec, resume=True)
+    assert epochs_logged(log) == [1]
+
+
+def test_zero_epochs_evaluates_and_saves(tmp_path, loaders):
+    out = tmp_path / "m.pt"
+    metrics = fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("simkd"), 0, out, spec_for({}))
+    assert out.is_file() and set(metrics) == {"top1", "top5"}
+    with pytest.raises(ConfigError, match="epochs"):
+        fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("simkd"), -1, out, spec_for({}))
+
+
+def test_seed_fixes_the_initial_weights(tmp_path):
+    states = []
+    for global_seed, seed in [(1, 0), (2, 0), (1, 1)]:
+        torch.manual_seed(global_seed)  # whatever ran before in the process must not matter
+        train_classifier("lenet5", "digits", tmp_path / "m.pt", epochs=0, recipe=get_recipe("simkd"), seed=seed,
+                         device="cpu")
+        states.append(load_checkpoint(tmp_path / "m.pt")[0]["features.0.weight"])
+    assert torch.equal(states[0], states[1]) and not torch.equal(states[0], states[2])
+
+
+def test_recipes_and_overrides():
+    paper, simkd = get_recipe("paper"), get_recipe("simkd")
+    assert (paper.lr, paper.nesterov, paper.batch_size, paper.weight_decay, paper.schedule) == (
+        0.001, True, 64, 5e-4, "constant")
+    assert (simkd.lr, simkd.schedule, simkd.milestones) == (0.05, "step", (0.625, 0.75, 0.875))
+    custom = get_recipe("simkd", lr=0.1, batch_size=None, weight_decay=0.0)
+    assert (custom.lr, custom.batch_size, custom.weight_decay) == (0.1, 64, 0.0)
+    assert RECIPES["simkd"].lr == 0.05  # overrides do not leak into the registry
+    with pytest.raises(ConfigError, match="unknown recipe 'sgd'; choose one of: paper, simkd"):
+        get_recipe("sgd")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(batch_size=0), "batch-size"),
+    (dict(schedule="linear"), "schedule"), (dict(temperature=0.0), "temperature"), (dict(alpha=1.5), "alpha"),
+    (dict(momentum=1.0), "momentum"), (dict(weight_decay=-1e-4), "weight decay"),
+])
+def test_invalid_recipe_values(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        get_recipe("simkd", **overrides)
+
+
+@pytest.mark.parametrize("name, schedule, final", [
+    ("simkd", "step", 0.05 * 1e-3), ("simkd", "cosine", 0.0), ("paper", "constant", 0.001),
+])
+def test_schedules_over_a_run(name, schedule, final):
+    recipe = get_recipe(name, schedule=schedule)
+    opt, sched = make_optimizer([nn.Parameter(torch.zeros(1))], recipe, epochs=4, steps_per_epoch=2)
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[-1] == pytest.approx(final, abs=1e-12)
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+class FixedLogits(nn.Module):
+    """Always ranks the classes by index: top-1 is the last class, top-5 the last five."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        return torch.arange(self.classes, dtype=torch.float32).expand(len(x), -1)
+
+
+def test_evaluate_top1_top5_by_hand():
+    x = torch.zeros(4, 1)
+    y = torch.tensor([9, 5, 4, 0])
+    assert evaluate(FixedLogits(10), [(x, y)]) == {"top1": 25.0, "top5": 50.0}
+    assert evaluate(FixedLogits(3), [(x[:2], torch.tensor([0, 2]))]) == {"top1": 50.0, "top5": 100.0}
+
+
+def test_evaluate_trained_checkpoint(teacher_ckpt):
+    row = evaluate_checkpoint(teacher_ckpt, device="cpu")
+    _, spec = load_model(teacher_ckpt)
+    assert row["top5"] >= row["top1"] and row["top1"] == pytest.approx(spec["metrics"]["top1"])
+    n = sum(p.numel() for p in models.create_model("lenet5").parameters())
+    assert row["kind"] == "model" and row["student_params"] == row["deployed_params"] == n
+    assert row["top1"] > 50.0  # 180 steps learn digits well above chance (10%)
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cpu"):
+            pick_device("cuda")

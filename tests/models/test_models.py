@@ -1,0 +1,148 @@
+"""The model zoo: the feature/head contract for every registered model, torchvision parity, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import models
+from kdexport.errors import CheckpointError, ConfigError
+from models.registry import load_pretrained_, register_model
+
+ALL = models.list_models()
+RELU_FINAL = [m for m in ALL if not m.startswith("efficientnet")]  # EfficientNet's last activation is SiLU
+LENETS = {"lenet5", "lenet300_100"}  # no stem: their 32x32 maps do not depend on it
+# the cifar stem on every family, but not on the largest members (slow to build, same code path)
+CIFAR_STEM = [m for m in ALL if m not in {"resnet101", "resnet152", "densenet161", "densenet201",
+                                          "efficientnet_b3", "efficientnet_b4", "efficientnet_b5"}]
+TORCHVISION = [m for m in ALL if m not in LENETS | {"mobilenet"}]
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def check_contract(name: str, stem: str, x: torch.Tensor) -> tuple[int, int]:
+    """Assert the contract SimKD and pruning rely on; return the feature map's spatial size."""
+    model = models.create_model(name, num_classes=10, stem=stem).eval()
+    assert isinstance(model.num_features, int) and model.num_features > 0
+    head = model.get_classifier()
+    assert isinstance(head, nn.Module)
+    own = {id(p) for p in model.parameters()}
+    assert list(head.parameters()) and {id(p) for p in head.parameters()} <= own
+    with torch.inference_mode():
+        feat = model.forward_features(x)
+        assert feat.ndim == 4 and feat.shape[:2] == (2, model.num_features)
+        if name in RELU_FINAL:
+            assert feat.min() >= 0, "forward_features must include the final ReLU"
+        logits = model.forward_head(feat)
+        assert logits.shape == (2, 10)
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+    return tuple(feat.shape[-2:])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_imagenet_stem(name, x):
+    check_contract(name, "imagenet", x)
+
+
+@pytest.mark.parametrize("name", CIFAR_STEM)
+def test_contract_cifar_stem_keeps_larger_maps(name, x):
+    hw_cifar = check_contract(name, "cifar", x)
+    if name in LENETS:
+        return
+    with torch.device("meta"):  # the imagenet-stem map size, without building real weights twice
+        model = models.create_model(name, num_classes=10, stem="imagenet")
+        hw_imagenet = tuple(model.forward_features(x.to("meta")).shape[-2:])
+    assert hw_cifar[0] > hw_imagenet[0] and hw_cifar[1] > hw_imagenet[1]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_parity_at_1000_classes(name):
+    """Same parameter count, state_dict keys and shapes, and module tree as torchvision's (built on meta: no init)."""
+    with torch.device("meta"):
+        ours = models.create_model(name, num_classes=1000)
+        ref = getattr(torchvision.models, name)(weights=None)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert list(sd) == list(ref_sd)
+    assert all(sd[k].shape == ref_sd[k].shape for k in sd)
+    assert repr(ours) == repr(ref)  # strides, eps, dropout rates: everything torchvision prints
+
+
+def test_torchvision_list_is_complete():
+    expected = {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {f"densenet{d}" for d in (161, 169, 201)}
+    expected |= {f"efficientnet_b{i}" for i in range(6)} | {"mobilenet_v2", "squeezenet1_1"}
+    assert set(TORCHVISION) == expected
+    assert set(ALL) == expected | LENETS | {"mobilenet"}
+
+
+def test_mobilenet_v1_parameter_count():
+    with torch.device("meta"):
+        model = models.create_model("mobilenet", num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == 4_231_976  # Howard et al. 2017: 4.2M
+    assert model.num_features == 1024
+
+
+@pytest.fixture(scope="module")
+def tv_resnet18_file(tmp_path_factory):
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("pretrained") / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_load_pretrained_skips_the_new_head(tv_resnet18_file):
+    path, state = tv_resnet18_file
+    model = models.create_model("resnet18", num_classes=10, pretrained=path)
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.fc.weight.shape == (10, 512)  # the 1000-class fc is not loaded
+
+
+def test_load_pretrained_cifar_stem_skips_the_stem(tv_resnet18_file):
+    path, state = tv_resnet18_file
+    model = models.create_model("resnet18", num_classes=10, stem="cifar", pretrained=path)
+    assert model.conv1.weight.shape == (64, 3, 3, 3)
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+
+
+def test_load_pretrained_refuses_foreign_files(tmp_path):
+    model = models.create_model("lenet5")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a state dict" * 64)
+    pickled = tmp_path / "module.pth"
+    torch.save(nn.Linear(2, 2), pickled)
+    other = tmp_path / "other.pth"
+    torch.save(models.create_model("lenet300_100").state_dict(), other)
+    for path, match in [(garbage, "not a loadable state_dict"), (pickled, "not a loadable state_dict"),
+                        (other, "unexpected keys"), (tmp_path / "missing.pth", "not found")]:
+        with pytest.raises(CheckpointError, match=match):
+            load_pretrained_(model, path)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        models.create_model("resnet19")
+    msg = str(info.value)
+    assert "resnet19" in msg and all(name in msg for name in ALL)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stem="tiny"), dict(num_classes=0)])
+def test_bad_options_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        models.create_model("lenet5", **kwargs)
+
+
+def test_duplicate_registration_is_an_error():
+    def resnet18(num_classes, stem, input_size):  # same name as a registered model
+        raise AssertionError("must not be registered")
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(resnet18)
+    assert models.list_models() == ALL
+    assert isinstance(models.create_model("resnet18"), nn.Module)
