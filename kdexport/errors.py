@@ -19,3 +19,7 @@ class DataError(KdexportError):
 
 class TrainingError(KdexportError):
     """A run that cannot go on (for example a non-finite loss)."""
+
+
+class CheckFailed(KdexportError):
+    """A run finished but its check did not pass (exit 1)."""
