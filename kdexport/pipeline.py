@@ -111,6 +111,7 @@ def _reusable(path: Path, run: dict[str, Any], force: bool) -> bool:
     """True when `path` is a finished stage made by the same configuration; error when made by another."""
     if force or not path.is_file():
         return False
+    run = json.loads(json.dumps(run))  # as stored: tuples become lists
     _, spec = load_checkpoint(path)
     if spec.get("run") != run:
         changed = sorted(k for k in set(run) | set(spec.get("run") or {}) if run.get(k) != (spec.get("run") or
