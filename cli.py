@@ -223,7 +223,8 @@ def compress(
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
     recipe: Annotated[RecipeName, typer.Option(help="Recipe for teacher and distillation.")] = RecipeName.simkd,
     stem: Annotated[Stem, typer.Option(help="imagenet (fast at 32x32) or cifar.")] = Stem.imagenet,
-    scope: Annotated[str, typer.Option(help="global or layer pruning.")] = "global",
+    scope: Annotated[str | None, typer.Option(help="global or layer [global for weight, layer for channel].")]
+    = None,
     round_to: Annotated[int, typer.Option(help="Channel counts are rounded to multiples of this.")] = 8,
     tolerance: Annotated[float, typer.Option(help="Breakpoint: accuracy points allowed below unpruned.")] = 1.0,
     breakpoint: Annotated[str, typer.Option(help="Breakpoint method: tolerance or knee.")] = "tolerance",
@@ -398,13 +399,13 @@ def stats(
     rows = []
     for e in res["pairs"]:
         w, c = e["weight"] or {}, e["channel"] or {}
-        rows.append({"pair": e["pair"], "weight eff.": w.get("efficiency"), "channel eff.": c.get("efficiency"),
-                     "diff": e["diff"], "weight level": w.get("level"), "channel level": c.get("level"),
-                     "repeats": max(w.get("repeats", 0), c.get("repeats", 0)),
-                     "welch p": (e["welch"] or {}).get("p")})
-    emit(rows, f"efficiency at the breakpoint ({params.value} parameters)", False)
-    emit([{k: res[k] for k in ("t", "p", "df", "n_pairs", "mean_diff")} | {"ci95": res["ci95"],
-          "effect_size": res["effect_size"]}], "paired t-test, channel - weight", False)
+        rows.append({"pair": e["pair"], "weight": w.get("efficiency"), "channel": c.get("efficiency"),
+                     "diff": e["diff"], "w level": w.get("level"), "c level": c.get("level"),
+                     "n": max(w.get("repeats", 0), c.get("repeats", 0)), "welch p": (e["welch"] or {}).get("p")})
+    emit(rows, f"efficiency at the breakpoint ({params.value} parameters, mean over n repeats)", False)
+    ci = "n/a" if res["ci95"][0] is None else f"[{fmt(res['ci95'][0])}, {fmt(res['ci95'][1])}]"
+    emit([{k: res[k] for k in ("t", "p", "df", "n_pairs", "mean_diff")} | {"ci95": ci, "effect_size":
+          res["effect_size"]}], "paired t-test, channel - weight", False)
 
 
 @command
@@ -452,6 +453,11 @@ class ExportFormat(str, Enum):
     trt = "trt"
 
 
+class Int8Target(str, Enum):
+    tensorrt = "tensorrt"
+    cpu = "cpu"
+
+
 @command
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A kdexport checkpoint (trained, distilled or pruned).")],
@@ -465,9 +471,13 @@ def export(
     half: Annotated[bool, typer.Option("--half", help="fp16 engine (tensorrt).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 QDQ by ONNX Runtime static quantisation; TensorRT "
                                        "builds it with explicit quantisation.")] = False,
+    int8_target: Annotated[Int8Target | None, typer.Option(help="INT8 recipe: tensorrt (symmetric, TensorRT's "
+                                                           "Q/DQ placement; default) or cpu (ONNX Runtime's "
+                                                           "U8S8, fast on CPUs).")] = None,
     calib: Annotated[int | None, typer.Option(help="Calibration images from the train split [128].")] = None,
-    atol: Annotated[float | None, typer.Option(help="Parity tolerance on the logits (default: fp32 1e-4 under "
-                                               "ONNX Runtime, 1e-3 TensorRT; fp16 5e-2 x logit scale).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Parity tolerance on the logits, times max(1, max |logit|) "
+                                               "(default: fp32 1e-3 ONNX Runtime, 2e-3 TensorRT; fp16 5e-2)."
+                                               )] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda: where the PyTorch reference runs (cpu).")]
     = None,
     workspace: Annotated[int | None, typer.Option(help="TensorRT workspace limit in MiB [1024].")] = None,
@@ -484,7 +494,8 @@ def export(
     from kdexport.export import export as run_export
 
     given = dict(opset=opset, batch=batch, dynamic=dynamic, half=half, int8=int8, calib=calib, atol=atol,
-                 device=device, workspace=workspace, eval_limit=eval_limit, out=out, data_dir=data_dir)
+                 int8_target=int8_target.value if int8_target else None, device=device, workspace=workspace,
+                 eval_limit=eval_limit, out=out, data_dir=data_dir)
     try:
         config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})
         result = run_export(checkpoint, config)

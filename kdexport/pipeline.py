@@ -45,7 +45,7 @@ class RunConfig:
     distill_method: str = "simkd"
     projector_factor: int = 2
     cls_weight: float = 1.0
-    scope: str = "global"
+    scope: str | None = None  # None: global for weight pruning, per layer for channel pruning
     round_to: int = 8
     w1: float = 0.5
     w2: float = 0.5

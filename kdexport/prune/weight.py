@@ -1,0 +1,82 @@
+"""Unstructured L1 weight pruning with torch.nn.utils.prune: masks while fine-tuning, zeros baked in to save.
+
+The scope is the whole deployed module: every Conv2d and Linear weight, including a DistilledStudent's
+projector and its frozen teacher classifier (which stays frozen, but masked).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from ..errors import ConfigError
+from ..metrics import PRUNABLE
+from .config import PruneConfig
+
+
+def prunable_layers(model: nn.Module) -> list[nn.Module]:
+    """The conv and linear layers whose weights are pruned, in module order."""
+    return [m for m in model.modules() if isinstance(m, PRUNABLE)]
+
+
+def has_masks(model: nn.Module) -> bool:
+    return any(prune.is_pruned(m) for m in prunable_layers(model))
+
+
+def _mask_zeros_(layers: list[nn.Module]) -> None:
+    """Put weights that are already exactly zero (a weight-pruned checkpoint) under a mask, so they stay zero."""
+    for m in layers:
+        if not prune.is_pruned(m) and not bool(m.weight.detach().all()):
+            prune.custom_from_mask(m, "weight", m.weight.detach() != 0)
+
+
+def prune_weights_(model: nn.Module, config: PruneConfig) -> None:
+    """Mask the `config.amount` fraction of still-unpruned conv/linear weights with the smallest |w|.
+
+    scope "global": one ranking over all layers (prune.global_unstructured + L1Unstructured); "layer": every
+    layer loses `amount` of its own weights (prune.l1_unstructured). Masks stay in force (forward pre-hooks)
+    until `remove_masks_`; pruning again prunes further. `config.steps` is not used here: without training
+    between steps, k magnitude steps give exactly the same mask as one.
+    """
+    if config.method != "weight":
+        raise ConfigError(f"prune_weights_ needs method 'weight', got {config.method!r}")
+    layers = prunable_layers(model)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no conv or linear layers to prune")
+    _mask_zeros_(layers)
+    if config.amount == 0:
+        return
+    if config.scope == "global":
+        prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured,
+                                  amount=config.amount)
+    else:
+        for m in layers:
+            prune.l1_unstructured(m, "weight", amount=config.amount)
+
+
+def remove_masks_(model: nn.Module) -> None:
+    """Bake the masks into the weights (prune.remove): plain zeros, plain `weight` parameters, no hooks."""
+    for m in model.modules():
+        for name, _ in list(m.named_parameters(recurse=False)):
+            if name.endswith("_orig") and hasattr(m, name[: -len("_orig")] + "_mask"):
+                prune.remove(m, name[: -len("_orig")])
+
+
+@torch.no_grad()
+def rewind_weights_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Lottery-ticket rewinding: load `state_dict` (the unpruned model's) under the masks in force.
+
+    Parameters and buffers take their values from `state_dict`; a masked weight's `weight_orig` takes the
+    saved `weight`, so the surviving weights get their original values and the pruned ones stay zero.
+    """
+    own = model.state_dict(keep_vars=True)
+    for key, value in state_dict.items():
+        target = key if key in own else f"{key}_orig"
+        if target not in own or own[target].shape != value.shape:
+            raise ConfigError(f"cannot rewind: {key!r} does not match the pruned model (the architectures differ)")
+        own[target].copy_(value)
+    for m in model.modules():  # refresh each masked `weight` (recomputed by the hook at every forward anyway)
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                hook(m, None)
