@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Triton kernels on CPU tensors run in Triton's interpreter. Set before anything imports triton: torchvision
+# imports it through torch._dynamo, and a @triton.jit function decorated before this is compiled-only.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
