@@ -100,18 +100,23 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild and load a checkpoint's model, in eval mode."""
-    state, spec = load_checkpoint(path)
+def model_from(state: dict[str, torch.Tensor], spec: dict[str, Any], path: str | Path) -> nn.Module:
+    """Rebuild the spec's architecture and load `state` into it; CheckpointError when they disagree."""
     try:
         model = build_model(spec)
         model.load_state_dict(state)
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{path} does not match the architecture its spec describes ({exc.__class__.__name__});"
-                              " the file is damaged or was edited") from None
-    return model.eval(), spec
+        raise CheckpointError(f"{path}: its tensors do not match the architecture its spec (and structure spec) "
+                              f"describes ({type(exc).__name__}); the file is damaged or was edited") from None
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load a checkpoint's model, in eval mode."""
+    state, spec = load_checkpoint(path)
+    return model_from(state, spec, path).eval(), spec
 
 
 def model_spec(kind: str, *, num_classes: int, stem: str, input_size, dataset: str, mean, std, **fields) -> dict:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, save_checkpoint
+from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, model_from, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..metrics import (
     count_macs,
@@ -60,15 +60,7 @@ def load_prunable(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if any(k.endswith(("_orig", "_mask")) for k in state):
         raise CheckpointError(f"{path} holds unbaked pruning masks; only checkpoints written by kdexport can be "
                               "pruned")
-    try:
-        model = build_model(spec)
-        model.load_state_dict(state)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: its tensors do not match the architecture its spec (and structure spec) "
-                              f"describes ({type(exc).__name__}); the file is damaged or was edited") from None
-    return model, spec
+    return model_from(state, spec, path), spec
 
 
 def _objective(model: nn.Module, spec: dict[str, Any], ckpt: Path, teacher_ckpt: str | Path | None,

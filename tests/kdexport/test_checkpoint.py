@@ -171,5 +171,5 @@ def test_corrupt_spec_and_state(tmp_path):
 def test_spec_and_weights_that_disagree(tmp_path):
     path = tmp_path / "m.pt"
     save_checkpoint(path, models.create_model("lenet5").state_dict(), plain_spec("lenet300_100"))
-    with pytest.raises(CheckpointError, match="does not match the architecture"):
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
         load_model(path)

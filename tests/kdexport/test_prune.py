@@ -388,7 +388,7 @@ def test_mismatched_structure_is_refused(tmp_path, channel_pruned):
     edited = copy.deepcopy(spec)
     edited["structure"]["modules"][first]["out_channels"] += 8
     save_checkpoint(tmp_path / "bad.pt", model.state_dict(), edited)
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="do not match"):
         load_model(tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="do not match"):
         prune_checkpoint(tmp_path / "bad.pt", PruneConfig("channel", 0.5), tmp_path / "x.pt")
