@@ -80,11 +80,13 @@ def test_parse_levels_ranges():
 def test_summarise_marks_breakpoint_and_recommends():
     cfg = RunConfig(pair="lenet5:lenet300_100", tolerance=1.0, profile="ort-cpu")
     rows = []
-    for method, accs, lat in [("weight", [90, 89.5, 85], [1.0, 1.0, 1.0]), ("channel", [90, 89.2, 80], [1.0, 0.5, 0.3])]:
-        for level, acc, ms in zip([0.0, 0.5, 0.9], accs, lat):
-            rows.append({"method": method, "level": level, "top1": acc, "top5": 100.0, "params_nonzero": 1e6 * (1 - level),
-                         "deployed_params": 2e6, "macs": 1e6, "effective_macs": 1e6, "perf_efficiency": acc / (1 - level),
-                         "latency_b1_ms": ms, "latency_bN_ms": ms * 8, "latency_efficiency": acc / ms})
+    curves = [("weight", [90, 89.5, 85], [1.0, 1.0, 1.0]), ("channel", [90, 89.2, 80], [1.0, 0.5, 0.3])]
+    for method, accs, lat in curves:
+        for level, acc, ms in zip([0.0, 0.5, 0.9], accs, lat, strict=True):
+            rows.append({"method": method, "level": level, "top1": acc, "top5": 100.0,
+                         "params_nonzero": 1e6 * (1 - level), "deployed_params": 2e6, "macs": 1e6,
+                         "effective_macs": 1e6, "perf_efficiency": acc / (1 - level), "latency_b1_ms": ms,
+                         "latency_bN_ms": ms * 8, "latency_efficiency": acc / ms})
     table, summary = summarise(rows, cfg)
     assert [r["breakpoint"] for r in table["weight"]] == [False, True, False]
     assert table["channel"][1]["speedup_b1"] == pytest.approx(2.0)
