@@ -359,16 +359,10 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the study (pairs x methods x levels x repeats), resumable; one row per cell in OUT/results.sqlite."""
-    from rich.markup import escape
-
     from kdexport.sweep import SweepConfig, import_ray, parse_levels, parse_methods, parse_pairs, run_sweep
 
     if executor is Executor.ray:
-        try:
-            import_ray()
-        except KdexportError as exc:  # printed here: its "[distributed]" is not rich markup
-            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        import_ray()
     config = SweepConfig(pairs=parse_pairs(pairs), levels=parse_levels(levels), out=out, dataset=dataset,
                          methods=parse_methods(methods), repeats=repeats, seed=seed, teacher_epochs=teacher_epochs,
                          distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, profile=profile,
@@ -489,19 +483,14 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 / INT8) or a TensorRT engine, verified against PyTorch on real images."""
-    from rich.markup import escape
-
     from kdexport.export import ExportConfig
     from kdexport.export import export as run_export
 
     given = dict(opset=opset, batch=batch, dynamic=dynamic, half=half, int8=int8, calib=calib, atol=atol,
                  int8_target=int8_target.value if int8_target else None, device=device, workspace=workspace,
                  eval_limit=eval_limit, out=out, data_dir=data_dir)
-    try:
-        config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})
-        result = run_export(checkpoint, config)
-    except KdexportError as exc:  # `command` prints rich markup: keep "[tensorrt]" and "[1, 10]" literal
-        raise type(exc)(escape(str(exc))) from None
+    config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})
+    result = run_export(checkpoint, config)
     emit(result.rows(), f"export {checkpoint.name} -> {Path(result.out).name}", as_json, payload=result.to_dict())
 
 

@@ -300,8 +300,10 @@ def test_real_sweep_cli_ctrl_c_then_resume(tmp_path):
     args = ["sweep", "--pairs", "lenet5:lenet300_100", "--out", str(out), "--levels", "0:0.8:0.2",
             "--repeats", "1", "--teacher-epochs", "1", "--distill-epochs", "1", "--finetune-epochs", "1",
             "--device", "cpu", "--json"]
+    # a parent started in the background (CI, `cmd &`) ignores SIGINT and children inherit that: restore it
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     store = out / "results.sqlite"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(db_keys(store) if store.is_file() else []) < 3:
