@@ -21,7 +21,7 @@ from kdexport.errors import CheckFailed, KdexportError, TrainingError
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-stdout = Console()
+stdout = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not truncate columns
 err = Console(stderr=True)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
