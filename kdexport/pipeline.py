@@ -193,7 +193,9 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
     else:
         config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
         path = level_path(run_dir, method, level, seed, cfg.seed)
-        if force or not path.is_file() or _level_changed(path, config, cfg, student):
+        if not force and path.is_file():
+            _check_level_settings(path, config, cfg)
+        else:
             prune_checkpoint(student, config, path, finetune_epochs=cfg.finetune_epochs,
                              finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
                              recipe=get_recipe("paper", lr=cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
@@ -205,16 +207,14 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
     return row
 
 
-def _level_changed(path: Path, config, cfg: RunConfig, student: Path) -> bool:
-    """A pruned checkpoint is stale when it was made from another student or with other pruning settings."""
+def _check_level_settings(path: Path, config, cfg: RunConfig) -> None:
+    """A finished pruned checkpoint is reused only when it was made with the same pruning settings."""
     _, spec = load_checkpoint(path)
     prune = spec.get("prune") or {}
-    same = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
-            prune.get("finetune_scope")) == (config.method, config.amount, config.scope, cfg.finetune_epochs,
-                                             cfg.finetune_scope)
-    if not same:
+    made = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
+            prune.get("finetune_scope"))
+    if made != (config.method, config.amount, config.scope, cfg.finetune_epochs, cfg.finetune_scope):
         raise ConfigError(f"{path} was pruned with other settings; pass --force to recompute it")
-    return False
 
 
 def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
@@ -293,7 +293,6 @@ def summarise(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, lis
 
     table: dict[str, list[dict[str, Any]]] = {}
     summary: list[str] = []
-    base_latency = None
     for method in dict.fromkeys(r["method"] for r in rows):
         by_level: dict[float, list[dict[str, Any]]] = {}
         for r in rows:
@@ -317,7 +316,6 @@ def summarise(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, lis
                        f"top-1 {chosen['top1']:.2f}%, {chosen['params_nonzero']:,.0f} non-zero student params, "
                        f"{chosen['deployed_params']:,.0f} deployed, efficiency {chosen['perf_efficiency']:.3g}")
         if all(r.get("latency_b1_ms") for r in out):
-            base_latency = base_latency or out[0]["latency_b1_ms"]
             for r in out:
                 r["speedup_b1"] = out[0]["latency_b1_ms"] / r["latency_b1_ms"]
                 r["speedup_bN"] = (out[0]["latency_bN_ms"] / r["latency_bN_ms"]) if r.get("latency_bN_ms") else None

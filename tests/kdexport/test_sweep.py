@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -249,11 +248,6 @@ def test_stats_rows_from_store_and_cli(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the real pipeline
-def _real_pipeline_ready() -> bool:
-    return importlib.util.find_spec("kdexport.prune") is not None
-
-
-@pytest.mark.skipif(not _real_pipeline_ready(), reason="kdexport.prune is not there yet")
 def test_real_sweep_cli_local_then_resume(tmp_path):
     """The real pipeline on the tiniest config, through the CLI; a rerun with more levels resumes."""
     from cli import app
@@ -281,7 +275,6 @@ def test_real_sweep_cli_local_then_resume(tmp_path):
     assert (out / "digits" / "lenet5-lenet300_100" / "teacher.pt").is_file()
 
 
-@pytest.mark.skipif(not _real_pipeline_ready(), reason="kdexport.prune is not there yet")
 def test_real_sweep_on_ray(tmp_path, ray_local):
     cfg = SweepConfig(pairs=("lenet5:lenet300_100",), levels=(0.0, 0.5), out=tmp_path / "study", repeats=2,
                       methods=("weight",), teacher_epochs=1, distill_epochs=1, finetune_epochs=1, device="cpu")
@@ -293,7 +286,6 @@ def test_real_sweep_on_ray(tmp_path, ray_local):
     assert os.path.isfile(cfg.out / "digits" / "lenet5-lenet300_100" / "student-s1.pt")
 
 
-@pytest.mark.skipif(not _real_pipeline_ready(), reason="kdexport.prune is not there yet")
 def test_real_sweep_cli_ctrl_c_then_resume(tmp_path):
     """SIGINT to `kdexport sweep` after its first rows: exit 130, rows kept; the rerun finishes the rest."""
     out = tmp_path / "study"
