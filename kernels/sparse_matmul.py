@@ -14,8 +14,12 @@ adds; the ReLU and the cast to the output dtype then run after the kernel.
 
 Dispatch: CUDA tensors run the compiled kernel; CPU tensors run ``sparse_matmul_ref``, or the kernel in
 Triton's interpreter when TRITON_INTERPRET=1 is set or ``backend="triton"`` is passed (not for bfloat16,
-whose tl.dot the interpreter gets wrong). Triton is imported on first use only, so ``import kernels``
-needs neither triton nor a GPU and never initialises CUDA. Inference only: the op has no autograd formula.
+whose tl.dot the interpreter gets wrong). A process does one or the other, never both: TRITON_INTERPRET=1
+at the moment triton is first imported turns Triton's own library (tl.cdiv, tl.sum, ...) into interpreted
+functions, and no kernel that calls them compiles in that process any more. ``triton_mode()`` tells which
+way this process went; asking for the other one raises a RuntimeError that says what to set.
+Triton is imported on first use only, so ``import kernels`` needs neither triton nor a GPU and never
+initialises CUDA. Inference only: the op has no autograd formula.
 """
 
 # Annotations stay strings: `tl.constexpr` only resolves once _triton() has bound `tl`.
@@ -179,9 +183,18 @@ def _triton() -> Any:
     return triton
 
 
+def triton_mode() -> str:
+    """"interpreter" if triton was imported under TRITON_INTERPRET=1 (kernels then run only interpreted, on
+    CPU), else "compiler" (kernels compile for CUDA, and CPU tensors take the reference)."""
+    _triton()
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return "interpreter" if isinstance(tl.cdiv, InterpretedFunction) else "compiler"
+
+
 @functools.cache
 def _compiled_kernels() -> tuple[Any, Any, Any]:
-    """(GEMM autotuner, GEMV autotuner, popcount) compiled for the GPU, whatever TRITON_INTERPRET says."""
+    """(GEMM autotuner, GEMV autotuner, popcount) for the GPU. Needs triton_mode() == "compiler"."""
     triton = _triton()
     from triton.runtime.jit import JITFunction
 
@@ -288,11 +301,22 @@ def _interpretable(dtype: torch.dtype) -> bool:
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
-    if backend != "auto":
-        return backend == "triton"
-    if x.device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1" and _interpretable(x.dtype)
-    return x.device.type == "cuda"
+    """Whether this call runs the Triton kernel; RuntimeError where this process's Triton cannot run it."""
+    if backend == "torch" or x.device.type not in ("cpu", "cuda"):
+        return False  # backend="triton" on other devices was refused by _check_inputs
+    on_cpu = x.device.type == "cpu"
+    if backend == "auto" and on_cpu:  # interpreted if asked for and possible; otherwise the reference
+        return (os.environ.get("TRITON_INTERPRET") == "1" and _interpretable(x.dtype)
+                and triton_mode() == "interpreter")
+    mode = triton_mode()
+    if on_cpu and mode == "compiler":
+        raise RuntimeError("the Triton kernel runs on CPU tensors only in Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before anything imports triton, or pass backend='torch'")
+    if not on_cpu and mode == "interpreter":
+        raise RuntimeError("triton was imported under TRITON_INTERPRET=1, so the kernel cannot compile for CUDA "
+                           "in this process: unset TRITON_INTERPRET (or set it to 0) before triton is imported, "
+                           "or pass backend='torch'")
+    return True
 
 
 @torch.library.custom_op("kdexport::sparse_matmul", mutates_args=())
@@ -345,4 +369,4 @@ def sparse_matmul_ref(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None 
     return torch.relu(y) if relu else y
 
 
-__all__ = ["BACKENDS", "sparse_matmul", "sparse_matmul_op", "sparse_matmul_ref"]
+__all__ = ["BACKENDS", "sparse_matmul", "sparse_matmul_op", "sparse_matmul_ref", "triton_mode"]

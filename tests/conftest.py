@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Triton kernels on CPU tensors run in Triton's interpreter. Set before anything imports triton: torchvision
-# imports it through torch._dynamo, and a @triton.jit function decorated before this is compiled-only.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; with one they compile for it.
+# A process gets one or the other (kernels.sparse_matmul.triton_mode), fixed when triton is first imported,
+# which importing torch does not do but torchvision does (through torch._dynamo): set it before that. Set
+# TRITON_INTERPRET=1 yourself to run the interpreted kernel tests on a GPU machine.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 torch.set_num_threads(int(os.environ.get("KDEXPORT_TEST_THREADS", "1")))
 

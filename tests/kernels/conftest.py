@@ -1,17 +1,46 @@
-"""Kernel tests run the Triton kernels in Triton's CPU interpreter, on CPU tensors.
+"""Kernel tests: the Triton kernels interpreted on CPU tensors, or compiled on a GPU (tests marked `gpu`).
 
-TRITON_INTERPRET=1 is set before anything imports triton. CUDA tensors still run the compiled kernel
-(kernels.sparse_matmul dispatches on the device), so the GPU tests check the real thing; without a GPU
-they are skipped with the reason "needs a CUDA GPU". No __init__.py here: as a package this directory
-would be named `kernels` and hide the package under test.
+tests/conftest.py sets TRITON_INTERPRET before triton's import: 1 without a GPU, 0 with one. One process
+cannot do both (kernels.sparse_matmul.triton_mode), so the interpreted-kernel tests (those that count
+launches) are skipped in a compiling process and the `gpu` tests without a GPU or in an interpreting one,
+each with its reason. No __init__.py here: as a package this directory would be named `kernels` and hide
+the package under test.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+def _triton_mode() -> str | None:
+    try:
+        from kernels.sparse_matmul import triton_mode
+
+        return triton_mode()
+    except ImportError:
+        return None
+
+
+def pytest_collection_modifyitems(config, items):
+    mode = _triton_mode()
+    if mode is None:
+        reason = "triton is not installed"
+    elif not torch.cuda.is_available():
+        reason = "needs a CUDA GPU (none visible to torch)"
+    elif mode == "interpreter":
+        reason = "TRITON_INTERPRET=1 was set when triton was imported: this process cannot compile kernels"
+    else:
+        reason = None
+    interpreted_skip = None if mode == "interpreter" else pytest.mark.skip(
+        reason="triton is not installed" if mode is None else
+        "the kernel is not interpreted in this process (TRITON_INTERPRET=0): rerun with TRITON_INTERPRET=1")
+    for item in items:
+        if not str(item.path).startswith(str(config.rootpath / "tests" / "kernels")):
+            continue
+        if "gpu" in item.keywords:
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+        elif interpreted_skip and "launches" in getattr(item, "fixturenames", ()):
+            item.add_marker(interpreted_skip)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from kernels.sparse_format import TiledSparseWeight
 from kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref
 
 pytest.importorskip("triton", reason="the kernel tests run Triton's interpreter: install triton")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.99, 1.0)
 ENCODINGS = ("bitmap", "index")
@@ -67,10 +66,10 @@ def test_bias_and_relu_are_fused(m, encoding, launches, operands):
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize(("m", "split_k"), [(1, 3), (6, 2), (6, 8)])  # 8 > 5 K tiles: empty splits
-def test_split_k(m, split_k, relu, operands):
+def test_split_k(m, split_k, relu, launches, operands):
     x, w, bias = operands(m, 24, 150, 0.7, "bitmap")
     y = sm._launch_triton(x, w, bias, relu, split_k=split_k)
-    assert y.dtype == x.dtype
+    assert y.dtype == x.dtype and launches == [(m, 24, 150, "bitmap", "cpu", split_k)]
     assert_close(y, sparse_matmul_ref(x, w, bias, relu))
 
 
@@ -145,15 +144,43 @@ def test_custom_op_passes_opcheck(operands):
     torch.library.opcheck(torch.ops.kdexport.sparse_matmul.default, args)
 
 
+def _python(code: str, **env: str) -> str:
+    """Run code in a fresh interpreter at the repository root; its stdout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_importing_kernels_needs_neither_triton_nor_cuda():
-    code = ("import sys, torch, kernels, kernels.sparse_matmul; "
+    _python("import sys, torch, kernels, kernels.sparse_matmul; "
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 
-@needs_cuda
+def test_a_compiling_process_never_interprets():
+    """Triton imported without TRITON_INTERPRET=1: CPU tensors take the reference, backend='triton' says why not."""
+    out = _python("""
+import os, torch
+from kernels.sparse_format import TiledSparseWeight
+from kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref, triton_mode
+print(triton_mode())
+w = TiledSparseWeight.from_dense(torch.randn(20, 30), 16, "bitmap")
+x = torch.randn(3, 30)
+os.environ["TRITON_INTERPRET"] = "1"  # too late: triton is imported
+torch.testing.assert_close(sparse_matmul(x, w), sparse_matmul_ref(x, w))
+try:
+    sparse_matmul(x, w, backend="triton")
+except RuntimeError as e:
+    print(e)
+""", TRITON_INTERPRET="0")
+    mode, error = out.splitlines()
+    assert mode == "compiler"
+    assert error.startswith("the Triton kernel runs on CPU tensors only in Triton's interpreter: set TRITON_")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("m", [1, 16, 300])

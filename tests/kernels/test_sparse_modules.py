@@ -13,7 +13,6 @@ from kdexport.errors import ConfigError
 from kernels import SparseConv2d, SparseLinear, SparsifyConfig, modules, sparsify_, sparsify_report
 
 pytest.importorskip("triton", reason="the module tests run the kernels in Triton's interpreter: install triton")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 class SmallNet(nn.Module):
@@ -179,7 +178,7 @@ def test_measuring_pass_records_shapes_without_touching_training_state():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics unchanged
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_measured_sparsify_on_gpu(dtype, launches):
     torch.manual_seed(0)
