@@ -51,11 +51,15 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
 
 
 class Augmented(Dataset):
-    """Standard CIFAR augmentation on normalised tensors: random crop with 4-pixel zero padding, optional h-flip."""
+    """Standard CIFAR augmentation on normalised tensors: random crop with 4-pixel zero padding, optional h-flip.
 
-    def __init__(self, base: Dataset, flip: bool, seed: int = 0):
+    Draws from torch's global RNG (the loaders run in the main process), as the shuffling does: training seeds
+    it once, and the RNG state saved with each epoch then makes a resumed run draw what an uninterrupted one
+    would have drawn.
+    """
+
+    def __init__(self, base: Dataset, flip: bool):
         self.base, self.flip = base, flip
-        self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -63,9 +67,9 @@ class Augmented(Dataset):
     def __getitem__(self, i: int):
         x, y = self.base[i]
         h, w = x.shape[-2:]
-        dy, dx = torch.randint(0, 9, (2,), generator=self.gen).tolist()
+        dy, dx = torch.randint(0, 9, (2,)).tolist()
         x = F.pad(x, (4, 4, 4, 4))[:, dy:dy + h, dx:dx + w]
-        if self.flip and torch.rand((), generator=self.gen) < 0.5:
+        if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, y
 
@@ -216,7 +220,7 @@ def _require_root(name: str, root: str | Path | None) -> Path:
 
 
 def get_dataset(name: str, split: str = "train", root: str | Path | None = None, augment: bool = False,
-                download: bool = False, seed: int = 0) -> Dataset:
+                download: bool = False) -> Dataset:
     """A dataset of (normalised 3xHxW tensor, label); `split` is "train" or "test"."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -231,18 +235,20 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
         ds = _mnist(_require_root(name, root), split)
     else:
         ds = _imagefolder(_require_root(name, root), split)
-    return Augmented(ds, info.flip, seed) if augment else ds
+    return Augmented(ds, info.flip) if augment else ds
 
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
-                limit: int | None = None, seed: int = 0, download: bool = False) -> DataLoader:
-    """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix."""
+                limit: int | None = None, download: bool = False) -> DataLoader:
+    """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
+
+    Shuffling and augmentation draw from torch's global RNG: seed it (train.seed_everything) for a repeatable run.
+    """
     train = split == "train"
-    ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download, seed=seed)
+    ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download)
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen, drop_last=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False)
 
 
 def sample_batch(name: str, n: int, root: str | Path | None = None, split: str = "test") -> torch.Tensor:

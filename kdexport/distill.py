@@ -236,7 +236,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     seed_everything(seed)
     student = new_student(spec, teacher)
     dataset = tspec["dataset"]
-    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed)
+    train = make_loader(dataset, "train", recipe.batch_size, data_dir)
     if config.method == "simkd":
         with torch.no_grad():
             calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])

@@ -172,6 +172,8 @@ def fit(
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
+        if cuda and "cuda_rng" in st:
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
         start = int(st["epoch"])
         stderr.print(f"[{label}] resuming {out.name} at epoch {start + 1}/{epochs}")
     else:  # a fresh start (also --resume with no state left): the log starts over, no duplicate epochs
@@ -213,9 +215,10 @@ def fit(
                        "lr": opt.param_groups[0]["lr"], **evaluate(model, test_loader, device)}
             with log_path.open("a") as fh:
                 fh.write(json.dumps({"stage": label, **metrics}) + "\n")
+            rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})}
             save_checkpoint(state_path, model.state_dict(), spec,
-                            extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "rng": torch.get_rng_state(), "epoch": epoch + 1})
+                            extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng,
+                                   "epoch": epoch + 1})
             if not stderr.is_terminal:
                 stderr.print(f"[{label}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
                              f"top1 {metrics['top1']:.2f}% ({metrics['images_per_s']:.0f} img/s)")
@@ -251,7 +254,7 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
     spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
                       dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
                       seed=seed, run=run)
-    train = make_loader(dataset, "train", recipe.batch_size, data_dir, seed=seed, download=download)
+    train = make_loader(dataset, "train", recipe.batch_size, data_dir, download=download)
     test = make_loader(dataset, "test", 256, data_dir)
     return fit(model, ce_step, train, test, recipe, epochs, Path(out), spec, device=pick_device(device), seed=seed,
                resume=resume, label=f"train {model_name}")

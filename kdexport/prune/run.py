@@ -172,7 +172,7 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     if finetune_epochs:
         step, objective, teacher = _objective(model, spec, ckpt_path, teacher_ckpt, dev)
     test = make_loader(spec["dataset"], "test", 256, data_dir)
-    train = make_loader(spec["dataset"], "train", recipe.batch_size, data_dir, seed=seed) if finetune_epochs else None
+    train = make_loader(spec["dataset"], "train", recipe.batch_size, data_dir) if finetune_epochs else None
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
               "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,

@@ -99,6 +99,34 @@ def test_resume_continues_from_the_state_file(tmp_path, loaders):
     assert epochs_logged(log) == [1]
 
 
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Shuffling and augmentation continue from the saved RNG state, not from the seed again."""
+    train = make_loader("digits", "train", 8, limit=24)  # augmented: random crops
+    test = make_loader("digits", "test", 64, limit=64)
+    recipe, spec = get_recipe("simkd"), spec_for({"stage": "train", "epochs": 3})
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        model = models.create_model("lenet5")
+        fit(model, ce_step, train, test, recipe, 3, out, spec, **kw)
+        return model
+
+    whole = run(tmp_path / "whole.pt")
+    steps = 0
+
+    def interrupt_in_epoch_3(model):
+        nonlocal steps
+        steps += 1
+        if steps == 7:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(tmp_path / "m.pt", after_step=interrupt_in_epoch_3)
+    resumed = run(tmp_path / "m.pt", resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+
+
 def test_zero_epochs_evaluates_and_saves(tmp_path, loaders):
     out = tmp_path / "m.pt"
     metrics = fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("simkd"), 0, out, spec_for({}))
