@@ -220,6 +220,8 @@ def compress(
     distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = 12,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
     finetune_scope: Annotated[str, typer.Option(help="all, or head (projector only, as the paper).")] = "all",
+    finetune_lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (the paper's SGD recipe "
+                                                    "otherwise).")] = 0.01,
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
     recipe: Annotated[RecipeName, typer.Option(help="Recipe for teacher and distillation.")] = RecipeName.simkd,
@@ -247,9 +249,9 @@ def compress(
 
     cfg = RunConfig(pair=pair, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                     teacher_epochs=teacher_epochs, distill_epochs=distill_epochs, finetune_epochs=finetune_epochs,
-                    finetune_scope=finetune_scope, cls_weight=cls_weight, recipe=recipe.value, seed=seed,
-                    device=device, stem=stem.value,
-                    scope=scope, round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
+                    finetune_scope=finetune_scope, finetune_lr=finetune_lr, cls_weight=cls_weight,
+                    recipe=recipe.value, seed=seed, device=device, stem=stem.value, scope=scope, round_to=round_to,
+                    w1=w1, w2=w2, tolerance=tolerance,
                     breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
                     teacher=str(teacher) if teacher else None)
     result = run_compress(cfg, split_csv(methods), parse_levels(levels), repeats, out, force,
@@ -353,6 +355,7 @@ def sweep(
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 12,
     distill_epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = 12,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
+    finetune_lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate [0.01].")] = None,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -366,7 +369,8 @@ def sweep(
     config = SweepConfig(pairs=parse_pairs(pairs), levels=parse_levels(levels), out=out, dataset=dataset,
                          methods=parse_methods(methods), repeats=repeats, seed=seed, teacher_epochs=teacher_epochs,
                          distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, profile=profile,
-                         device=device, data_dir=str(data_dir) if data_dir else None)
+                         device=device, data_dir=str(data_dir) if data_dir else None,
+                         options={} if finetune_lr is None else {"finetune_lr": finetune_lr})
     summary = run_sweep(config, executor.value, address=address,
                         log=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
     emit([summary], "sweep", as_json, payload=summary)

@@ -60,6 +60,8 @@ class RunConfig:
         for name in ("teacher_epochs", "distill_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        if not self.finetune_lr > 0:
+            raise ConfigError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if self.finetune_scope not in ("all", "head"):
             raise ConfigError(f"--finetune-scope must be all or head, got {self.finetune_scope!r}")
         if self.stem not in models.STEMS:
@@ -211,9 +213,11 @@ def _check_level_settings(path: Path, config, cfg: RunConfig) -> None:
     """A finished pruned checkpoint is reused only when it was made with the same pruning settings."""
     _, spec = load_checkpoint(path)
     prune = spec.get("prune") or {}
+    lr = (prune.get("recipe") or {}).get("lr")
     made = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
-            prune.get("finetune_scope"))
-    if made != (config.method, config.amount, config.scope, cfg.finetune_epochs, cfg.finetune_scope):
+            prune.get("finetune_scope"), lr if cfg.finetune_epochs else None)
+    if made != (config.method, config.amount, config.scope, cfg.finetune_epochs, cfg.finetune_scope,
+                cfg.finetune_lr if cfg.finetune_epochs else None):
         raise ConfigError(f"{path} was pruned with other settings; pass --force to recompute it")
 
 

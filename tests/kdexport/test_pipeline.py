@@ -49,12 +49,16 @@ def test_rerun_reuses_finished_stages(run_dir):
     assert len(payload["rows"]) == 4 and payload["summary"]
 
 
-def test_changed_settings_are_refused_not_silently_mixed(run_dir):
-    args = list(FAST)
-    args[args.index("--teacher-epochs") + 1] = "2"
-    result = runner.invoke(app, ["compress", *args, "--out", str(run_dir)])
+@pytest.mark.parametrize("changed, message", [
+    (["--teacher-epochs", "2"], "teacher"),
+    (["--finetune-lr", "0.02"], "weight-0.50"),  # the student is reused; its pruned levels are not
+])
+def test_changed_settings_are_refused_not_silently_mixed(run_dir, changed, message):
+    stamps = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pt")}
+    result = runner.invoke(app, ["compress", *FAST, *changed, "--out", str(run_dir)])
     assert result.exit_code == 2
-    assert "--force" in result.output and "Traceback" not in result.output
+    assert "--force" in result.output and message in result.output and "Traceback" not in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pt")} == stamps
 
 
 @pytest.mark.parametrize("args, message", [
@@ -62,6 +66,7 @@ def test_changed_settings_are_refused_not_silently_mixed(run_dir):
     (["--levels", "a,b"], "cannot read levels"),
     (["--methods", "magic"], "unknown method"),
     (["--pair", "nope-pair"], "unknown pair"),
+    (["--finetune-lr", "0"], "--finetune-lr must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["compress", "--out", str(tmp_path / "r"), *args])
