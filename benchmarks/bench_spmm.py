@@ -3,6 +3,8 @@
 For each weight (out x in), sparsity and number of rows N of X, both Y = X @ W^T are timed in the same run
 with triton.testing.do_bench (warm-up, L2 flushed before every call, median and p10/p90 of the calls);
 the speedup is dense median / sparse median. Every cell is also checked against the dense result. Then the
+3x3 convolutions of ResNet-18 at 224x224: dense cuDNN against the sparse kernel two ways, as an implicit GEMM
+(kernels.sparse_conv2d, what SparseConv2d runs) and as F.unfold + SpMM (im2col in memory), same run. Then the
 batch-1 latency of a 90% weight-pruned torchvision ResNet-18 (10 classes), dense vs sparsify_'d, eager and
 replayed as a CUDA graph. Prints markdown tables; --out writes everything as JSON.
 
@@ -32,13 +34,17 @@ SHAPES = (
     ("mobilenet fc head, 100 classes", 100, 1024),
     ("mobilenet pointwise 1x1 1024->1024", 1024, 1024),
     ("mobilenet pointwise 1x1 512->512", 512, 512),
-    ("resnet18 layer4 3x3 conv (im2col)", 512, 4608),
+    ("resnet18 layer4 3x3 conv (as a matrix)", 512, 4608),
     ("resnet50 bottleneck 1x1 512->2048", 2048, 512),
     ("resnet50 bottleneck 1x1 2048->512", 512, 2048),
     ("densenet169 transition2 1x1 512->256", 256, 512),
     ("densenet169 transition3 1x1 1280->640", 640, 1280),
     ("efficientnet_b0 head 1x1 320->1280", 1280, 320),
 )
+# (name, channels in = out, height = width): ResNet-18's 3x3 convs at 224x224 input, stride 1, padding 1
+CONVS = (("resnet18 layer1 3x3 64", 64, 56), ("resnet18 layer2 3x3 128", 128, 28),
+         ("resnet18 layer3 3x3 256", 256, 14), ("resnet18 layer4 3x3 512", 512, 7))
+CONV_BATCHES = (1, 8)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 ROWS = (1, 8, 16, 32)
 TARGETS = {0.7: 1.4, 0.8: 1.7, 0.9: 2.1}  # speedup wanted for weight-heavy layers at N <= 16
@@ -55,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoding", choices=["auto", "bitmap", "index"], default="auto")
     p.add_argument("--e2e-size", type=int, default=32, help="ResNet-18 input height and width (e.g. 224)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end ResNet-18 latency")
+    p.add_argument("--no-conv", action="store_true", help="skip the implicit GEMM vs im2col convolutions")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     return p.parse_args(argv)
 
@@ -105,6 +112,58 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
                     raise SystemExit(f"sparse result differs from dense for {name} N={n} at {sparsity:.0%}: "
                                      f"relative error {rel_err:.2e}")
     return rows
+
+
+def bench_convs(args: argparse.Namespace) -> list[dict]:
+    """3x3 convs: dense cuDNN vs implicit-GEMM SpMM vs unfold + SpMM, one weight per (layer, sparsity)."""
+    import torch.nn.functional as F
+
+    from kernels.sparse_conv2d import conv_weight_matrix, sparse_conv2d
+    from kernels.sparse_format import TiledSparseWeight
+    from kernels.sparse_matmul import sparse_matmul
+
+    dtype, gen = DTYPES[args.dtype], torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, channels, size in CONVS:
+        for sparsity in args.sparsities:
+            dense = random_pruned(channels, channels * 9, sparsity, dtype, gen).view(channels, channels, 3, 3)
+            implicit = TiledSparseWeight.from_dense(conv_weight_matrix(dense), args.block_n, args.encoding)
+            unfolded = TiledSparseWeight.from_dense(dense.reshape(channels, -1), args.block_n, args.encoding)
+            for batch in CONV_BATCHES:
+                x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype, generator=gen)
+                x = x.contiguous(memory_format=torch.channels_last)
+                calls = {
+                    "dense": lambda x=x, d=dense: F.conv2d(x, d, padding=1),
+                    "implicit": lambda x=x, w=implicit: sparse_conv2d(x, w, kernel_size=(3, 3), padding=(1, 1)),
+                    "unfold": lambda x=x, w=unfolded: sparse_matmul(  # SparseConv2d's former path
+                        F.unfold(x, 3, padding=1).transpose(1, 2), w).view(x.shape[0], *x.shape[2:], -1)
+                    .permute(0, 3, 1, 2),
+                }
+                expected = calls["dense"]().float()
+                errors = {k: ((f().float() - expected).norm() / expected.norm()).item() for k, f in calls.items()}
+                if not max(errors.values()) < 1e-2:
+                    raise SystemExit(f"sparse conv differs from dense for {name} batch {batch} at {sparsity:.0%}: "
+                                     f"{errors}")
+                ms = {k: quantiles_ms(f) for k, f in calls.items()}
+                rows.append({"layer": name, "channels": channels, "size": size, "batch": batch,
+                             "sparsity": sparsity, "ms": ms, "rel_err": errors,
+                             "implicit_speedup": ms["dense"]["p50"] / ms["implicit"]["p50"],
+                             "unfold_speedup": ms["dense"]["p50"] / ms["unfold"]["p50"]})
+                print(f"{name:28s} b={batch} {sparsity:.0%} dense {ms['dense']['p50'] * 1e3:8.1f} us  implicit "
+                      f"{ms['implicit']['p50'] * 1e3:8.1f} us  unfold {ms['unfold']['p50'] * 1e3:8.1f} us",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def conv_markdown(rows: list[dict]) -> str:
+    lines = ["| layer | batch | sparsity | dense cuDNN us | implicit GEMM us (speedup) | unfold + SpMM us (speedup) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = {k: v["p50"] * 1e3 for k, v in r["ms"].items()}
+        lines.append(f"| {r['layer']} ({r['size']}x{r['size']}) | {r['batch']} | {r['sparsity']:.0%} | "
+                     f"{ms['dense']:.1f} | {ms['implicit']:.1f} ({r['implicit_speedup']:.2f}x) | "
+                     f"{ms['unfold']:.1f} ({r['unfold_speedup']:.2f}x) |")
+    return "\n".join(lines)
 
 
 def bench_e2e(args: argparse.Namespace) -> dict:
@@ -180,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     from kdexport.profile.environment import environment
 
     rows = bench_layers(args)
+    convs = [] if args.no_conv else bench_convs(args)
     e2e = None if args.no_e2e else bench_e2e(args)
     print(markdown(rows, e2e))
+    if convs:
+        print("\n" + conv_markdown(convs))
     if args.out is not None:
         write_json(args.out, {"command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
                               "dtype": args.dtype, "block_n": args.block_n, "encoding": args.encoding,
-                              "environment": environment("cuda"), "layers": rows, "e2e": e2e})
+                              "environment": environment("cuda"), "layers": rows, "convs": convs, "e2e": e2e})
     return 0
 
 

@@ -2,12 +2,11 @@
 
 Lowering onto the SpMM kernel (kernels.sparse_matmul), Y = X @ W^T:
 - Linear: X is the input with its leading dims flattened.
-- 1x1 conv: X is the (batch * H * W, C) pixel matrix, a view of a channels-last input (strided 1x1 convs
-  subsample the input first).
-- k x k conv: im2col (F.unfold) gives the (batch * H_out * W_out, C * k * k) patch matrix. Implicit GEMM
-  (gathering the patches inside the kernel) is not implemented.
-Convolution outputs come back as an NCHW-shaped view of channels-last memory, so the next 1x1 conv reads
-them without a copy. Grouped and depthwise convolutions stay dense.
+- 1x1 conv (stride 1, no padding): X is the (batch * H * W, C) pixel matrix, a view of a channels-last input.
+- any other conv: implicit GEMM (kernels.sparse_conv2d), the kernel gathering each patch tile from the input
+  image itself; no im2col matrix in memory.
+Convolution outputs come back as an NCHW-shaped view of channels-last memory, so the next conv reads them
+without a copy. Grouped and depthwise convolutions stay dense.
 
 On CPU the layers run the torch reference (or the interpreted kernel under TRITON_INTERPRET=1): they
 reproduce the dense pruned model's outputs but are not faster there.
@@ -21,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdexport.errors import ConfigError
 
+from .sparse_conv2d import conv_weight_matrix, sparse_conv2d_op
 from .sparse_format import BLOCK_NS, ENCODINGS, TILE_K, VALUE_DTYPES, TiledSparseWeight
 from .sparse_matmul import sparse_matmul_op
 
@@ -79,7 +78,10 @@ class SparseLinear(_SparseLayer):
 
 
 class SparseConv2d(_SparseLayer):
-    """nn.Conv2d (groups=1, zero padding) as SpMM: 1x1 directly over pixels, k x k through im2col."""
+    """nn.Conv2d (groups=1, zero padding) as SpMM: 1x1 directly over pixels, others as implicit GEMM.
+
+    The weight is stored tap-major (kernels.sparse_conv2d.conv_weight_matrix), channel fastest.
+    """
 
     def __init__(self, weight: TiledSparseWeight, bias: Tensor | None, in_channels: int,
                  kernel_size: tuple[int, int], stride: tuple[int, int] = (1, 1),
@@ -97,7 +99,7 @@ class SparseConv2d(_SparseLayer):
         reason = dense_reason(conv)
         if reason is not None:
             raise ValueError(f"cannot lower this conv to SpMM: {reason}")
-        w2d = conv.weight.detach().reshape(conv.out_channels, -1)  # (O, C*kh*kw), F.unfold's column order
+        w2d = conv_weight_matrix(conv.weight.detach())
         weight = TiledSparseWeight.from_dense(w2d.to(dtype or w2d.dtype), block_n, encoding)
         return cls(weight, conv.bias, conv.in_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
                    conv.padding, conv.dilation, relu)  # type: ignore[arg-type]
@@ -105,21 +107,15 @@ class SparseConv2d(_SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if self.kernel_size == (1, 1) and self.padding == (0, 0):
-            if self.stride != (1, 1):
-                x = x[:, :, :: self.stride[0], :: self.stride[1]]
-            height, width = x.shape[2:]
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+            batch, _, height, width = x.shape
             cols = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # a view for channels-last input
-        else:
-            height, width = (
-                (size + 2 * pad - dil * (k - 1) - 1) // s + 1
-                for size, k, s, pad, dil in zip(x.shape[2:], self.kernel_size, self.stride, self.padding,
-                                                self.dilation, strict=True))
-            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-            cols = patches.transpose(1, 2).reshape(batch * height * width, -1)
-        y = self._matmul(cols)
-        return y.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+            return self._matmul(cols).view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+        y = sparse_conv2d_op(x.to(self.values.dtype), self.values, self.offsets, self.pattern, self.columns,
+                             self.bias, *self.weight_shape, self.block_n, TILE_K, self.encoding,
+                             list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                             self.relu, "auto")
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,18 +75,25 @@ def _sparse_matmul_kernel(
     x_ptr, values_ptr, offsets_ptr, pattern_ptr, columns_ptr, bias_ptr, y_ptr,
     # sizes
     M, N, K,
-    # strides
+    # strides (conv: stride_xm, stride_xk are the image and channel strides of the 4-D input)
     stride_xm, stride_xk, stride_ym, stride_yn,
+    # conv geometry: input channels and size, output size, input row and column strides (unused for SpMM)
+    C, H, W, OH, OW, stride_xh, stride_xw,
     # blocks and switches
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, BITMAP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     POPCOUNT: tl.constexpr, PRECISION: tl.constexpr,
+    CONV: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+    PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
 ):
     """Y[M, N] (+)= X[M, K] @ W[N, K]^T for one (BLOCK_M x BLOCK_N) output tile and one K split.
 
     BLOCK_N x BLOCK_K is the weight's tile; BITMAP picks the decoder; POPCOUNT is a jitted popcount
     (libdevice's `popc` when compiled, bit operations in the interpreter); SPLIT_K > 1 atomically adds
     fp32 partial sums into y (bias from split 0, no ReLU); PRECISION is tl.dot's input precision.
+    CONV makes it an implicit-GEMM convolution: row m of X is output pixel (image, oh, ow), column k is
+    tap (kh, kw) of input channel c with k = (kh * KW + kw) * C + c, and X is gathered from the input
+    image as it is loaded, zeros where the window leaves the (zero-padded) image. No im2col in memory.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -108,7 +115,13 @@ def _sparse_matmul_kernel(
     rows = tl.arange(0, BLOCK_N)  # tile-local weight rows = output columns
     lanes = tl.arange(0, BLOCK_K)  # tile-local weight columns = bit positions
     lane_bits = lanes.to(tl.uint32)[None, :]
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if CONV:
+        pixel = offs_m % (OH * OW)
+        x_rows = x_ptr + (offs_m // (OH * OW)).to(tl.int64)[:, None] * stride_xm  # the row's image
+        ih0 = ((pixel // OW) * SH - PH)[:, None]  # the window's top-left corner
+        iw0 = ((pixel % OW) * SW - PW)[:, None]
+    else:
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if BLOCK_M == 1:  # GEMV: accumulate products elementwise, reduce over K once at the end
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
@@ -118,8 +131,16 @@ def _sparse_matmul_kernel(
         tile = pid_n * k_tiles + kt
         start = tl.load(offsets_ptr + tile)
         offs_k = kt * BLOCK_K + lanes
-        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        if CONV:
+            tap = offs_k // C
+            ih = ih0 + ((tap // KW) * DH)[None, :]
+            iw = iw0 + ((tap % KW) * DW)[None, :]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x = tl.load(x_rows + ((offs_k % C) * stride_xk)[None, :] + ih * stride_xh + iw * stride_xw,
+                        mask=in_range & inside, other=0.0)
+        else:
+            x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=in_range, other=0.0)
         # Decode the weight tile w[n, k] row-major, so that a warp's lanes read one row's values: coalesced.
         if BITMAP:
             words = tl.load(pattern_ptr + tile * BLOCK_N + rows).to(tl.uint32, bitcast=True)
@@ -203,7 +224,7 @@ def _compiled_kernels() -> tuple[Any, Any, Any]:
     def tuned(configs):
         return triton.autotune(
             [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns) for bm, nw, ns in configs],
-            key=["M", "N", "K", "SPLIT_K", "BITMAP", "HAS_BIAS", "RELU"],
+            key=["M", "N", "K", "SPLIT_K", "BITMAP", "HAS_BIAS", "RELU", "CONV", "SH", "SW"],
             prune_configs_by={"early_config_prune": _prune_configs},
             reset_to_zero=["y_ptr"],  # split-K accumulates into y: every benchmark run starts from zero
         )(kernel)
@@ -236,23 +257,54 @@ def _split_k(m: int, n_tiles: int, k_tiles: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // programs), k_tiles // MIN_K_TILES_PER_SPLIT))
 
 
+class ConvGeometry(NamedTuple):
+    """A 2-D convolution run by the kernel as an implicit GEMM (its CONV switch); all pairs are (h, w)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+                     for size, k, s, p, d in zip((height, width), *self, strict=True))
+
+
+def _rows(x: Tensor, conv: ConvGeometry | None) -> int:
+    """M: rows of X, i.e. output pixels (batch x OH x OW) for a convolution."""
+    if conv is None:
+        return x.shape[0]
+    oh, ow = conv.output_size(*x.shape[2:])
+    return x.shape[0] * oh * ow
+
+
 def _launch_triton(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, relu: bool,
-                   split_k: int | None = None) -> Tensor:
-    """Run the Triton kernel: compiled for CUDA tensors, interpreted for CPU tensors."""
+                   split_k: int | None = None, conv: ConvGeometry | None = None) -> Tensor:
+    """Run the Triton kernel, compiled for CUDA tensors and interpreted for CPU tensors; Y is (M, N).
+
+    x is (M, K), or for `conv` the (batch, C, H, W) input image (any strides).
+    """
     triton = _triton()
-    (m, k), n = x.shape, weight.shape[0]
+    m, (n, k) = _rows(x, conv), weight.shape
     n_tiles, k_tiles = weight.tile_grid
     split_k = _split_k(m, n_tiles, k_tiles, x.device) if split_k is None else split_k
     fused = split_k == 1
     y = (torch.empty((m, n), dtype=x.dtype, device=x.device) if fused
          else torch.zeros((m, n), dtype=torch.float32, device=x.device))
+    if conv is None:
+        geometry = (1, 1, 1, 1, 1, 0, 0)
+        switches = dict(CONV=False, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1)
+    else:
+        (_, kw), (sh, sw), (ph, pw), (dh, dw) = conv
+        geometry = (*x.shape[1:], *conv.output_size(*x.shape[2:]), x.stride(2), x.stride(3))
+        switches = dict(CONV=True, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
     args = (x, weight.values, weight.offsets, weight.pattern, weight.columns,
             weight.values if bias is None else bias, y,  # an unused bias pointer is never read
-            m, n, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+            m, n, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *geometry)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     meta = dict(BLOCK_N=weight.block_n, BLOCK_K=weight.block_k, GROUP_M=GROUP_M, SPLIT_K=split_k,
                 BITMAP=weight.encoding == "bitmap", HAS_BIAS=bias is not None, RELU=relu and fused,
-                PRECISION="ieee" if ieee else "tf32")
+                PRECISION="ieee" if ieee else "tf32", **switches)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]) * n_tiles, split_k
@@ -269,14 +321,22 @@ def _launch_triton(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, re
     return (y.relu_() if relu else y).to(x.dtype)
 
 
-def _check_inputs(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, backend: str) -> None:
+def _check_inputs(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, backend: str,
+                  conv: ConvGeometry | None = None) -> None:
     """Raise ValueError/TypeError for inputs the kernel cannot take (shape, dtype, device, backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if conv is None and (x.dim() != 2 or x.shape[1] != weight.shape[1]):
         raise ValueError(f"x must be (M, {weight.shape[1]}) for a {weight.shape} weight, got {tuple(x.shape)}")
+    if conv is not None:
+        taps = conv.kernel_size[0] * conv.kernel_size[1]
+        if x.dim() != 4 or x.shape[1] * taps != weight.shape[1]:
+            raise ValueError(f"x must be (N, {weight.shape[1] // taps}, H, W) for a {weight.shape} weight and a "
+                             f"{conv.kernel_size} kernel, got {tuple(x.shape)}")
+        if min(conv.output_size(*x.shape[2:])) < 1:
+            raise ValueError(f"a {tuple(x.shape[2:])} input is smaller than the {conv.kernel_size} kernel's window")
     if x.dtype != weight.dtype:
         raise TypeError(f"x dtype {x.dtype} differs from the weight's {weight.dtype}; cast one of them")
     if x.device != weight.device:
@@ -369,4 +429,4 @@ def sparse_matmul_ref(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None 
     return torch.relu(y) if relu else y
 
 
-__all__ = ["BACKENDS", "sparse_matmul", "sparse_matmul_op", "sparse_matmul_ref", "triton_mode"]
+__all__ = ["BACKENDS", "ConvGeometry", "sparse_matmul", "sparse_matmul_op", "sparse_matmul_ref", "triton_mode"]

@@ -51,9 +51,9 @@ def launches(monkeypatch):
     records = []
     launch = sm._launch_triton
 
-    def counting(x, weight, bias, relu, split_k=None):
-        records.append((x.shape[0], weight.shape[0], x.shape[1], weight.encoding, x.device.type, split_k))
-        return launch(x, weight, bias, relu, split_k)
+    def counting(x, weight, bias, relu, split_k=None, conv=None):
+        records.append((sm._rows(x, conv), *weight.shape, weight.encoding, x.device.type, split_k))
+        return launch(x, weight, bias, relu, split_k, conv)
 
     monkeypatch.setattr(sm, "_launch_triton", counting)
     return records

@@ -46,3 +46,11 @@ def test_arguments(bench):
     assert args.rows == [1, 16] and args.sparsities == [0.9] and args.dtype == "float16"
     assert [s for s in bench.SHAPES if any(f in s[0] for f in args.shapes)] == [
         ("resnet50 bottleneck 1x1 512->2048", 2048, 512), ("resnet50 bottleneck 1x1 2048->512", 512, 2048)]
+
+
+def test_conv_table(bench):
+    ms = {"dense": {"p50": 0.02}, "implicit": {"p50": 0.01}, "unfold": {"p50": 0.04}}
+    row = {"layer": "resnet18 layer3 3x3 256", "size": 14, "batch": 1, "sparsity": 0.9, "ms": ms,
+           "implicit_speedup": 2.0, "unfold_speedup": 0.5}
+    assert bench.conv_markdown([row]).splitlines()[-1] == (
+        "| resnet18 layer3 3x3 256 (14x14) | 1 | 90% | 20.0 | 10.0 (2.00x) | 40.0 (0.50x) |")

@@ -7,6 +7,7 @@ What it does establish, per target, dtype and weight encoding:
 - every config compiles and its shared memory fits the target's per-block limit;
 - for every row-count bucket (_block_m_choices) at least one candidate config runs without register spills,
   so the autotuner, which times the candidates on the device, always has a spill-free one to choose;
+- the same for the implicit-GEMM convolution (CONV, a 3x3 window);
 - tl.dot lowers to tensor-core MMA exactly where expected (fp16/bf16/tf32 on sm_80+; not for IEEE fp32,
   not on Turing, where Triton's dot is FMAs), popcount to `popc`, and split-K to global atomic adds only.
 
@@ -33,21 +34,25 @@ pytest.importorskip("triton", reason="compiling the kernel needs triton")
 
 # Opt-in shared memory per block (bytes), CUDA programming guide, compute capabilities table.
 SHARED_LIMIT = {75: 64 << 10, 80: 163 << 10, 86: 99 << 10, 87: 163 << 10, 89: 99 << 10, 90: 227 << 10}
-# (arch, dtype, precision, encoding, block_n): Hopper (H100/H200), Jetson Orin, A100 IEEE fp32 and bf16,
-# Turing laptops; a laptop Ampere (sm_86) and Ada (sm_89) at the default block.
+# (arch, dtype, precision, encoding, block_n, conv): Hopper (H100/H200), Jetson Orin, A100 IEEE fp32 and bf16,
+# Turing laptops; a laptop Ampere (sm_86) and Ada (sm_89) at the default block. conv: the implicit-GEMM 3x3.
 GROUPS = [
-    (90, "fp16", "tf32", "bitmap", 64), (90, "fp16", "tf32", "index", 64), (90, "fp16", "tf32", "bitmap", 128),
-    (87, "fp16", "tf32", "bitmap", 64), (87, "fp16", "tf32", "index", 64),
-    (80, "fp32", "ieee", "bitmap", 64), (80, "fp32", "tf32", "index", 64), (80, "bf16", "tf32", "bitmap", 64),
-    (75, "fp16", "tf32", "bitmap", 64), (86, "fp16", "tf32", "index", 64), (89, "fp16", "tf32", "bitmap", 64),
+    (90, "fp16", "tf32", "bitmap", 64, False), (90, "fp16", "tf32", "index", 64, False),
+    (90, "fp16", "tf32", "bitmap", 128, False), (90, "fp16", "tf32", "bitmap", 64, True),
+    (87, "fp16", "tf32", "bitmap", 64, False), (87, "fp16", "tf32", "index", 64, False),
+    (87, "fp16", "tf32", "index", 64, True),
+    (80, "fp32", "ieee", "bitmap", 64, False), (80, "fp32", "tf32", "index", 64, False),
+    (80, "bf16", "tf32", "bitmap", 64, False),
+    (75, "fp16", "tf32", "bitmap", 64, False), (86, "fp16", "tf32", "index", 64, False),
+    (89, "fp16", "tf32", "bitmap", 64, False),
 ]
 CONFIGS = sm.GEMM_CONFIGS + sm.GEMV_CONFIGS
-SPLIT_K = [(90, "fp16", "tf32", "bitmap", 64, 16), (90, "fp16", "tf32", "index", 64, 1),
-           (87, "fp32", "ieee", "bitmap", 64, 16)]  # (group..., block_m) at split_k 4, with the best config
+SPLIT_K = [(90, "fp16", "tf32", "bitmap", 64, False, 16), (90, "fp16", "tf32", "index", 64, False, 1),
+           (87, "fp32", "ieee", "bitmap", 64, False, 16)]  # (group..., block_m) at split_k 4, with its best config
 
 
-def _compile(arch: int, dtype: str, precision: str, encoding: str, block_n: int, block_m: int, num_warps: int,
-             num_stages: int, split_k: int) -> dict:
+def _compile(arch: int, dtype: str, precision: str, encoding: str, block_n: int, conv: bool, block_m: int,
+             num_warps: int, num_stages: int, split_k: int) -> dict:
     """Compile one variant (in the child) and read what the cubin and PTX say."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -59,10 +64,11 @@ def _compile(arch: int, dtype: str, precision: str, encoding: str, block_n: int,
     kernel = JITFunction(sm._sparse_matmul_kernel)
     pattern = "*i32" if encoding == "bitmap" else "*u8"
     pointers = [f"*{dtype}", f"*{dtype}", "*i32", pattern, "*u8", f"*{dtype}", "*fp32" if split_k > 1 else f"*{dtype}"]
-    signature = dict(zip(kernel.arg_names[:14], pointers + ["i32"] * 7, strict=True))
+    signature = dict(zip(kernel.arg_names[:21], pointers + ["i32"] * 14, strict=True))
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=sm.GROUP_M, SPLIT_K=split_k,
                      BITMAP=encoding == "bitmap", HAS_BIAS=True, RELU=split_k == 1,
-                     POPCOUNT=JITFunction(sm._popcount_hw), PRECISION=precision)
+                     POPCOUNT=JITFunction(sm._popcount_hw), PRECISION=precision, CONV=conv,
+                     KW=3 if conv else 1, SH=1, SW=1, PH=int(conv), PW=int(conv), DH=1, DW=1)
     signature.update(dict.fromkeys(constants, "constexpr"))
     target = GPUTarget("cuda", arch, 32)
     options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
@@ -109,7 +115,7 @@ def _spill_free(r: dict) -> bool:
 
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: "-".join(map(str, g)))
 def test_every_config_compiles_and_each_row_bucket_has_a_spill_free_one(group, compiled):
-    arch, dtype, precision, encoding, _ = group
+    arch, dtype, precision, encoding, *_ = group
     results = {config: compiled[(*group, *config, 1)] for config in CONFIGS}
     tensor_cores = arch >= 80 and (dtype != "fp32" or precision == "tf32")
     for (block_m, *_), r in results.items():
@@ -124,7 +130,7 @@ def test_every_config_compiles_and_each_row_bucket_has_a_spill_free_one(group, c
 
 @pytest.mark.parametrize("variant", SPLIT_K, ids=lambda v: "-".join(map(str, v)))
 def test_split_k_accumulates_with_global_atomics(variant, compiled):
-    (r,) = [r for v, r in compiled.items() if v[:5] == variant[:5] and v[5] == variant[5] and v[-1] == 4]
+    (r,) = [r for v, r in compiled.items() if v[:7] == variant and v[-1] == 4]
     assert r["atomics"] and all(".add.f32" in a for a in r["atomics"]), r
     assert _spill_free(r), r
 
