@@ -1,8 +1,8 @@
 """Triton kernels that make weight-pruned (unstructured) students faster on NVIDIA GPUs.
 
 `import kernels` needs neither triton nor CUDA: the kernels are compiled (or interpreted) on first use.
-The functional op lives in `kernels.sparse_matmul` (not re-exported here, where its name would hide
-the module).
+The functional ops live in `kernels.sparse_matmul` and `kernels.sparse_conv2d` (the same kernel as an
+implicit-GEMM convolution); they are not re-exported here, where their names would hide the modules.
 """
 
 from .modules import SparseConv2d, SparseLinear, SparsifyConfig, sparsify_, sparsify_report
