@@ -18,6 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdexport.errors import CheckFailed, KdexportError, TrainingError
+from kernels.errors import KernelConfigError
+from models.errors import ModelError
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -37,7 +39,7 @@ def command(fn):
         except (CheckFailed, TrainingError) as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None
-        except KdexportError as exc:
+        except (KdexportError, ModelError, KernelConfigError) as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:

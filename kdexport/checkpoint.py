@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import models
+from models import DistilledStudent
+
 from .errors import CheckpointError
+from .structure import apply_structure
 
 FORMAT = "kdexport"
 FORMAT_VERSION = 1
@@ -83,10 +87,6 @@ def load_checkpoint(path: str | Path, with_extra: bool = False):
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Rebuild the exact architecture a spec describes (no weights)."""
-    import models
-
-    from .distill import DistilledStudent
-
     common = dict(num_classes=spec["num_classes"], stem=spec["stem"], input_size=tuple(spec["input_size"]))
     if spec["kind"] == "distilled":
         model = DistilledStudent.from_names(spec["teacher"], spec["student"],
@@ -94,8 +94,6 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     else:
         model = models.create_model(spec["model"], **common)
     if spec.get("structure"):
-        from .prune import apply_structure
-
         apply_structure(model, spec["structure"])
     return model
 

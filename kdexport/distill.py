@@ -9,7 +9,6 @@ deployed forward pass is exactly the one that was trained.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from models import DistilledStudent, build_projector
 
 from .errors import ConfigError
 
@@ -43,51 +43,6 @@ class DistillConfig:
             raise ConfigError("--temperature must be > 0 and --alpha in [0, 1]")
         if not self.cls_weight >= 0:
             raise ConfigError(f"--cls-weight must be >= 0, got {self.cls_weight}")
-
-
-def build_projector(s_channels: int, t_channels: int, factor: int = 2) -> nn.Sequential:
-    """conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv1x1 -> BN -> ReLU, inner width t / factor."""
-    mid = max(1, t_channels // factor)
-    return nn.Sequential(
-        nn.Conv2d(s_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels), nn.ReLU(inplace=True),
-    )
-
-
-class DistilledStudent(nn.Module):
-    """student.forward_features -> projector -> the teacher's (frozen) classifier. No teacher backbone inside."""
-
-    def __init__(self, student: nn.Module, projector: nn.Module, head: models.ClassifierHead):
-        super().__init__()
-        student.reset_classifier()  # its own classifier never runs: do not ship or count it
-        self.student, self.projector, self.head = student, projector, head
-        self.head.requires_grad_(False)
-
-    @classmethod
-    def from_models(cls, teacher: nn.Module, student: nn.Module, projector_factor: int = 2) -> DistilledStudent:
-        head = models.ClassifierHead(copy.deepcopy(teacher.get_classifier()), teacher.pool_first)
-        projector = build_projector(student.num_features, teacher.num_features, projector_factor)
-        return cls(student, projector, head)
-
-    @classmethod
-    def from_names(cls, teacher: str, student: str, *, num_classes: int, stem: str, input_size,
-                   projector_factor: int = 2) -> DistilledStudent:
-        t = models.create_model(teacher, num_classes, stem=stem, input_size=input_size)
-        s = models.create_model(student, num_classes, stem=stem, input_size=input_size)
-        return cls.from_models(t, s, projector_factor)
-
-    def train(self, mode: bool = True) -> DistilledStudent:
-        super().train(mode)
-        self.head.eval()  # frozen: its dropout stays off
-        return self
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The projected map, in the teacher's feature space."""
-        return self.projector(self.student.forward_features(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 @torch.no_grad()

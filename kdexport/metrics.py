@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import is_distilled
+
 from .errors import ConfigError
 
 PRUNABLE = (nn.Conv2d, nn.Linear)  # the layers whose weights are pruned, counted in MACs and in sparsity
@@ -72,11 +74,6 @@ def _count(model: nn.Module) -> tuple[int, int]:
         total += t.numel()
         nonzero += int(torch.count_nonzero(t))
     return total, nonzero
-
-
-def is_distilled(model: nn.Module) -> bool:
-    """A SimKD DistilledStudent (duck-typed, so metrics does not import distill)."""
-    return hasattr(model, "student") and hasattr(model, "projector")
 
 
 def param_counts(model: nn.Module) -> ParamCounts:
@@ -335,7 +332,7 @@ def latency_breakpoint(levels: Sequence[float], accuracies: Sequence[float], lat
 
 
 __all__ = [
-    "ParamCounts", "param_counts", "is_distilled", "Macs", "count_macs", "serialized_bytes", "payload_bytes",
+    "ParamCounts", "param_counts", "Macs", "count_macs", "serialized_bytes", "payload_bytes",
     "sparse_encoded_bytes", "layer_sparsity", "global_sparsity", "performance_efficiency",
     "latency_efficiency", "Breakpoint", "find_breakpoint", "latency_breakpoint", "PRUNABLE", "PARAMS_UNIT",
 ]

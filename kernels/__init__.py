@@ -5,7 +5,9 @@ The functional ops live in `kernels.sparse_matmul` and `kernels.sparse_conv2d` (
 implicit-GEMM convolution); they are not re-exported here, where their names would hide the modules.
 """
 
+from .errors import KernelConfigError
 from .modules import SparseConv2d, SparseLinear, SparsifyConfig, sparsify_, sparsify_report
 from .sparse_format import TiledSparseWeight
 
-__all__ = ["SparseConv2d", "SparseLinear", "SparsifyConfig", "TiledSparseWeight", "sparsify_", "sparsify_report"]
+__all__ = ["KernelConfigError", "SparseConv2d", "SparseLinear", "SparsifyConfig", "TiledSparseWeight", "sparsify_",
+           "sparsify_report"]

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdexport.errors import ConfigError
-
+from .errors import KernelConfigError
 from .sparse_conv2d import conv_weight_matrix, sparse_conv2d_op
 from .sparse_format import BLOCK_NS, ENCODINGS, TILE_K, VALUE_DTYPES, TiledSparseWeight
 from .sparse_matmul import sparse_matmul_op
@@ -156,21 +155,21 @@ class SparsifyConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_sparsity <= 1.0:
-            raise ConfigError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
+            raise KernelConfigError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise KernelConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.dtype is not None and self.dtype not in VALUE_DTYPES:
-            raise ConfigError(f"dtype must be None or one of {VALUE_DTYPES}, got {self.dtype}")
+            raise KernelConfigError(f"dtype must be None or one of {VALUE_DTYPES}, got {self.dtype}")
         if not self.speedup_margin > 0:
-            raise ConfigError(f"speedup_margin must be > 0 (0.9: sparse must be 10% faster), "
+            raise KernelConfigError(f"speedup_margin must be > 0 (0.9: sparse must be 10% faster), "
                               f"got {self.speedup_margin}")
         if len(self.input_size) != 3 or min(self.input_size) < 1:
-            raise ConfigError(f"input_size must be (C, H, W) with positive sizes, got {self.input_size}")
+            raise KernelConfigError(f"input_size must be (C, H, W) with positive sizes, got {self.input_size}")
         object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
         if self.block_n not in BLOCK_NS:
-            raise ConfigError(f"block_n must be one of {BLOCK_NS}, got {self.block_n}")
+            raise KernelConfigError(f"block_n must be one of {BLOCK_NS}, got {self.block_n}")
         if self.encoding not in (*ENCODINGS, "auto"):
-            raise ConfigError(f"encoding must be 'auto' or one of {ENCODINGS}, got {self.encoding!r}")
+            raise KernelConfigError(f"encoding must be 'auto' or one of {ENCODINGS}, got {self.encoding!r}")
 
 
 def sparsify_(model: nn.Module, config: SparsifyConfig | None = None) -> None:
@@ -184,7 +183,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None) -> None:
     config = config or SparsifyConfig()
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     if any(m is model for _, m in candidates):
-        raise ConfigError("sparsify_ swaps submodules in place: wrap a single layer in nn.Sequential first")
+        raise KernelConfigError("sparsify_ swaps submodules in place: wrap a single layer in nn.Sequential first")
     shapes = _input_shapes(model, [m for _, m in candidates], config) if _measuring(model, config) else None
     report = []
     for name, layer in candidates:

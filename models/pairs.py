@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdexport.errors import ConfigError
-
+from .errors import ModelError
 from .registry import list_models
 
 
@@ -44,6 +43,6 @@ def resolve_pair(name: str) -> Pair:
         unknown = [m for m in (teacher, student) if m not in list_models()]
         if unknown:
             known = ", ".join(list_models())
-            raise ConfigError(f"unknown model {unknown[0]!r} in pair {name!r}; known models: {known}")
+            raise ModelError(f"unknown model {unknown[0]!r} in pair {name!r}; known models: {known}")
         return Pair(name, teacher, student)
-    raise ConfigError(f"unknown pair {name!r}; use one of {', '.join(PAIRS)} or TEACHER:STUDENT")
+    raise ModelError(f"unknown pair {name!r}; use one of {', '.join(PAIRS)} or TEACHER:STUDENT")

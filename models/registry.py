@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdexport.errors import CheckpointError, ConfigError
+from .errors import ModelError, PretrainedWeightsError
 
 STEMS = ("cifar", "imagenet")
 DEFAULT_STEM = "imagenet"  # at 32x32 input it costs ~1/16 of the cifar stem's MACs: the README run stays fast
@@ -38,11 +38,11 @@ def create_model(
 ) -> nn.Module:
     """Build a registered model; `pretrained` is a local torchvision-format state_dict (never downloaded)."""
     if name not in _MODELS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if stem not in STEMS:
-        raise ConfigError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        raise ModelError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
     if num_classes < 1:
-        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        raise ModelError(f"num_classes must be >= 1, got {num_classes}")
     model = _MODELS[name](num_classes=num_classes, stem=stem, input_size=tuple(input_size))
     if pretrained is not None:
         load_pretrained_(model, pretrained)
@@ -53,19 +53,20 @@ def load_pretrained_(model: nn.Module, path: str | Path) -> None:
     """Load a torchvision-format state_dict; tensors whose shape differs (a new head or a cifar stem) are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"pretrained weights not found: {path}; pass a local torchvision state_dict file")
+        raise PretrainedWeightsError(f"pretrained weights not found: {path}; pass a local torchvision state_dict file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or pickled files
-        raise CheckpointError(f"{path} is not a loadable state_dict ({type(exc).__name__}); "
+        raise PretrainedWeightsError(f"{path} is not a loadable state_dict ({type(exc).__name__}); "
                               "save one with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state_dict")
+        raise PretrainedWeightsError(f"{path} does not hold a state_dict")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise CheckpointError(f"{path} does not match {type(model).__name__}: unexpected keys such as {unknown[0]!r}")
+        raise PretrainedWeightsError(f"{path} does not match {type(model).__name__}: unexpected keys such as "
+                                     f"{unknown[0]!r}")
     model.load_state_dict(usable, strict=False)

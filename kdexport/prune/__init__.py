@@ -1,8 +1,8 @@
 """L1 pruning of distilled students: weight (torch.nn.utils.prune) and channel (Torch-Pruning 1.6.1).
 
 - `prune_weights_` / `remove_masks_` / `rewind_weights_`: masks during fine-tuning, zeros baked in to save.
-- `prune_channels_`: a physically slimmer dense module; `structure_of` / `apply_structure` record and rebuild
-  its shapes so a checkpoint never pickles a module (kdexport.checkpoint.build_model applies the structure).
+- `prune_channels_`: a physically slimmer dense module; kdexport.structure records and rebuilds its shapes, so
+  a checkpoint never pickles a module.
 - `prune_checkpoint`: load, prune in `steps` (geometric schedule), optionally rewind, fine-tune with the
   student's own objective, save with the "prune" (and "structure") spec, return the metrics.
 
@@ -17,13 +17,11 @@ one that is not the student's (same model name and class count).
 from .channel import L1Importance, ignored_layers, prune_channels, prune_channels_, replay_channels_
 from .config import FINETUNE_SCOPES, METHODS, SCOPES, PruneConfig, step_amount
 from .run import default_recipe, finetune_parts, load_prunable, prune_checkpoint
-from .structure import apply_structure, structure_of
 from .weight import has_masks, prunable_layers, prune_weights_, remove_masks_, rewind_weights_
 
 __all__ = [
     "PruneConfig", "METHODS", "SCOPES", "FINETUNE_SCOPES", "step_amount",
     "prune_weights_", "remove_masks_", "rewind_weights_", "prunable_layers", "has_masks",
     "prune_channels_", "prune_channels", "replay_channels_", "ignored_layers", "L1Importance",
-    "structure_of", "apply_structure",
     "prune_checkpoint", "load_prunable", "finetune_parts", "default_recipe",
 ]

@@ -33,8 +33,11 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.group import Group
 
+from models import is_distilled
+
 from ..errors import ConfigError
-from ..metrics import PRUNABLE, is_distilled
+from ..metrics import PRUNABLE
+from ..structure import sync_widths_
 from .config import PruneConfig
 from .weight import has_masks
 
@@ -166,19 +169,6 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no conv or linear classifier to keep")
     return layers[-1:]
-
-
-def sync_widths_(model: nn.Module) -> None:
-    """Keep `num_features` (the width forward_features returns) true after the layers changed shape."""
-    def set_width(owner: nn.Module, consumer: nn.Module) -> None:
-        first = next((m for m in consumer.modules() if isinstance(m, PRUNABLE)), None)
-        if first is not None and hasattr(owner, "num_features"):
-            owner.num_features = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
-
-    if is_distilled(model):
-        set_width(model.student, model.projector)
-    elif hasattr(model, "get_classifier"):
-        set_width(model, model.get_classifier())
 
 
 def _counts(config: PruneConfig, imps: list[torch.Tensor]) -> list[int]:

@@ -25,19 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from models import is_distilled
+
 from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, model_from, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..metrics import (
     count_macs,
     global_sparsity,
-    is_distilled,
     param_counts,
     serialized_bytes,
     sparse_encoded_bytes,
 )
+from ..structure import structure_of
 from .channel import prune_channels, replay_channels_
 from .config import FINETUNE_SCOPES, PruneConfig
-from .structure import structure_of
 from .weight import prune_weights_, remove_masks_, rewind_weights_
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

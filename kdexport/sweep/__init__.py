@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import models
+from models import is_distilled
 
 from ..errors import ConfigError, KdexportError, TrainingError
 from .store import STORE_NAME, ResultsStore, norm_level, read_store, stats_rows
@@ -184,7 +185,7 @@ class PipelineRunner:
 
     def cell(self, config: SweepConfig, cell: Cell) -> dict[str, Any]:
         from ..checkpoint import build_model, load_checkpoint, load_model
-        from ..metrics import is_distilled, layer_sparsity
+        from ..metrics import layer_sparsity
         from ..pipeline import ensure_student, run_level, versions
 
         cfg, run_dir = self.run_config(config, cell.pair), config.run_dir(cell.pair)
@@ -258,7 +259,7 @@ class _Progress:
         cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the task's exception
         msg = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
         cells = list(cells)
-        if not isinstance(cause, KdexportError) and not self.failed:
+        if not isinstance(cause, (KdexportError, models.ModelError)) and not self.failed:
             self.log("".join(traceback.format_exception(cause)).rstrip())
         self.failed.extend((c, msg) for c in cells)
         for c in cells:

@@ -205,7 +205,7 @@ def test_distill_refuses_a_teacher_of_another_pair(teacher_ckpt, tmp_path):
     kw = dict(config=DistillConfig(), recipe=get_recipe("simkd"), epochs=1, device="cpu")
     with pytest.raises(CheckpointError, match="needs teacher resnet101"):
         distill(teacher_ckpt, "res101-res18", tmp_path / "s.pt", **kw)
-    with pytest.raises(ConfigError, match="unknown pair"):
+    with pytest.raises(models.ModelError, match="unknown pair"):
         distill(teacher_ckpt, "nope", tmp_path / "s.pt", **kw)
     with pytest.raises(CheckpointError, match="not found"):
         distill(tmp_path / "missing.pt", "lenet5:lenet300_100", tmp_path / "s.pt", **kw)

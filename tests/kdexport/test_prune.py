@@ -24,7 +24,6 @@ from kdexport.metrics import count_macs, global_sparsity, layer_sparsity
 from kdexport.prune import (
     L1Importance,
     PruneConfig,
-    apply_structure,
     ignored_layers,
     prunable_layers,
     prune_channels,
@@ -35,8 +34,8 @@ from kdexport.prune import (
     replay_channels_,
     rewind_weights_,
     step_amount,
-    structure_of,
 )
+from kdexport.structure import apply_structure, structure_of
 from kdexport.train import ce_step, fit, get_recipe
 
 SIZE = (3, 32, 32)

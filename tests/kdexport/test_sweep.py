@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import models
 from kdexport.errors import ConfigError
 from kdexport.sweep import (
     ResultsStore,
@@ -84,7 +85,7 @@ def test_parse_pairs_and_methods():
     assert parse_pairs("res101-res18, resnet18:lenet5") == ("res101-res18", "resnet18:lenet5")
     assert len(parse_pairs("all")) >= 10
     assert parse_methods("channel,weight,channel") == ("channel", "weight")
-    with pytest.raises(ConfigError, match="unknown"):
+    with pytest.raises(models.ModelError, match="unknown"):
         parse_pairs("nope")
     with pytest.raises(ConfigError):
         parse_methods("weights")

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.testing import assert_close
 
-from kdexport.errors import ConfigError
 from kernels import SparseConv2d, SparseLinear, SparsifyConfig, modules, sparsify_, sparsify_report
+from kernels.errors import KernelConfigError
 
 pytest.importorskip("triton", reason="the module tests run the kernels in Triton's interpreter: install triton")
 
@@ -134,7 +134,7 @@ def test_sparse_conv_rejects_what_it_cannot_lower():
 
 
 def test_sparsify_on_a_bare_layer_is_a_config_error():
-    with pytest.raises(ConfigError, match="nn.Sequential"):
+    with pytest.raises(KernelConfigError, match="nn.Sequential"):
         sparsify_(nn.Linear(4, 4), SparsifyConfig())
     assert sparsify_report(nn.Linear(4, 4)) == []
 
@@ -145,7 +145,7 @@ def test_sparsify_on_a_bare_layer_is_a_config_error():
     {"block_n": 48}, {"encoding": "bsr"},
 ])
 def test_config_validation(kwargs):
-    with pytest.raises(ConfigError):
+    with pytest.raises(KernelConfigError):
         SparsifyConfig(**kwargs)
 
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import models
-from kdexport.errors import CheckpointError, ConfigError
+from models.errors import ModelError, PretrainedWeightsError
 from models.registry import load_pretrained_, register_model
 
 ALL = models.list_models()
@@ -27,7 +27,10 @@ def x() -> torch.Tensor:
 
 def check_contract(name: str, stem: str, x: torch.Tensor) -> tuple[int, int]:
     """Assert the contract SimKD and pruning rely on; return the feature map's spatial size."""
-    model = models.create_model(name, num_classes=10, stem=stem).eval()
+    return check_model_contract(models.create_model(name, num_classes=10, stem=stem).eval(), x, name in RELU_FINAL)
+
+
+def check_model_contract(model: nn.Module, x: torch.Tensor, relu_final: bool) -> tuple[int, int]:
     assert isinstance(model.num_features, int) and model.num_features > 0
     head = model.get_classifier()
     assert isinstance(head, nn.Module)
@@ -36,7 +39,7 @@ def check_contract(name: str, stem: str, x: torch.Tensor) -> tuple[int, int]:
     with torch.inference_mode():
         feat = model.forward_features(x)
         assert feat.ndim == 4 and feat.shape[:2] == (2, model.num_features)
-        if name in RELU_FINAL:
+        if relu_final:
             assert feat.min() >= 0, "forward_features must include the final ReLU"
         logits = model.forward_head(feat)
         assert logits.shape == (2, 10)
@@ -47,6 +50,18 @@ def check_contract(name: str, stem: str, x: torch.Tensor) -> tuple[int, int]:
 @pytest.mark.parametrize("name", ALL)
 def test_contract_imagenet_stem(name, x):
     check_contract(name, "imagenet", x)
+
+
+@pytest.mark.parametrize("pair", ["res101-res18", "dens169-mobilenet", "effb1-effb0", "res50-squeezenet"])
+def test_contract_distilled_student(pair, x):
+    """SimKD's deployed model is a zoo model too: projected map (ReLU-final) -> the teacher's classifier."""
+    p = models.resolve_pair(pair)
+    model = models.DistilledStudent.from_names(p.teacher, p.student, num_classes=10, stem="imagenet",
+                                               input_size=(3, 32, 32)).eval()
+    check_model_contract(model, x, relu_final=True)
+    teacher = models.create_model(p.teacher, num_classes=10)
+    assert model.num_features == teacher.num_features
+    assert models.is_distilled(model) and not models.is_distilled(teacher)
 
 
 @pytest.mark.parametrize("name", CIFAR_STEM)
@@ -121,12 +136,12 @@ def test_load_pretrained_refuses_foreign_files(tmp_path):
     torch.save(models.create_model("lenet300_100").state_dict(), other)
     for path, match in [(garbage, "not a loadable state_dict"), (pickled, "not a loadable state_dict"),
                         (other, "unexpected keys"), (tmp_path / "missing.pth", "not found")]:
-        with pytest.raises(CheckpointError, match=match):
+        with pytest.raises(PretrainedWeightsError, match=match):
             load_pretrained_(model, path)
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ModelError) as info:
         models.create_model("resnet19")
     msg = str(info.value)
     assert "resnet19" in msg and all(name in msg for name in ALL)
@@ -134,7 +149,7 @@ def test_unknown_model_lists_the_known_ones():
 
 @pytest.mark.parametrize("kwargs", [dict(stem="tiny"), dict(num_classes=0)])
 def test_bad_options_are_config_errors(kwargs):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ModelError):
         models.create_model("lenet5", **kwargs)
 
 

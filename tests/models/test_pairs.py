@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import models
-from kdexport.errors import ConfigError
+from models.errors import ModelError
 from models.pairs import PAIRS, PAPER_PAIRS, Pair, resolve_pair
 
 EXPECTED = {
@@ -53,7 +53,7 @@ def test_pair_is_frozen():
 
 
 def test_unknown_pair_names_the_choices():
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ModelError) as info:
         resolve_pair("res101-res17")
     msg = str(info.value)
     assert "res101-res17" in msg and "res101-res18" in msg and "TEACHER:STUDENT" in msg and "\n" not in msg
@@ -61,7 +61,7 @@ def test_unknown_pair_names_the_choices():
 
 @pytest.mark.parametrize("name, bad", [("resnet18:lenet6", "lenet6"), ("vgg16:lenet5", "vgg16"), (":lenet5", "")])
 def test_unknown_model_in_teacher_colon_student(name, bad):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ModelError) as info:
         resolve_pair(name)
     msg = str(info.value)
     assert f"unknown model {bad!r}" in msg and "resnet18" in msg and "lenet300_100" in msg

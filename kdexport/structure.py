@@ -5,6 +5,8 @@ BatchNorm2d layers on our models: torchvision's DenseNet concatenates whatever w
 MobileNetV2/EfficientNet keep no other width that their forward uses. So a spec lists those layers'
 constructor shapes, by module name, and `apply_structure` swaps in new layers of the same class with the
 same kernel, stride, padding, dilation and bias flag. No module is ever pickled.
+
+This module needs neither Torch-Pruning nor any stage, so `checkpoint.py` rebuilds slimmed models with it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError
-from .channel import sync_widths_
+from models import is_distilled
+
+from .errors import CheckpointError
+from .metrics import PRUNABLE
 
 VERSION = 1
 _SHAPES: dict[type, tuple[str, ...]] = {
@@ -88,3 +92,16 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
     sync_widths_(model)
+
+
+def sync_widths_(model: nn.Module) -> None:
+    """Keep `num_features` (the width forward_features returns) true after the layers changed shape."""
+    def set_width(owner: nn.Module, consumer: nn.Module) -> None:
+        first = next((m for m in consumer.modules() if isinstance(m, PRUNABLE)), None)
+        if first is not None and hasattr(owner, "num_features"):
+            owner.num_features = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+
+    if is_distilled(model):
+        set_width(model.student, model.projector)
+    elif hasattr(model, "get_classifier"):
+        set_width(model, model.get_classifier())
