@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import models
+from kdexport import models
 from kdexport.data import sample_batch
 from kdexport.distill import DistilledStudent, distillation_step
 from kdexport.train import ce_step, get_recipe, make_optimizer

@@ -84,8 +84,8 @@ def random_pruned(out_f: int, in_f: int, sparsity: float, dtype: torch.dtype, ge
 
 
 def bench_layers(args: argparse.Namespace) -> list[dict]:
-    from kernels.sparse_format import TiledSparseWeight
-    from kernels.sparse_matmul import sparse_matmul
+    from kdexport.kernels.sparse_format import TiledSparseWeight
+    from kdexport.kernels.sparse_matmul import sparse_matmul
 
     dtype, gen = DTYPES[args.dtype], torch.Generator(device="cuda").manual_seed(0)
     shapes = [s for s in SHAPES if args.shapes is None or any(f in s[0] for f in args.shapes)]
@@ -118,9 +118,9 @@ def bench_convs(args: argparse.Namespace) -> list[dict]:
     """3x3 convs: dense cuDNN vs implicit-GEMM SpMM vs unfold + SpMM, one weight per (layer, sparsity)."""
     import torch.nn.functional as F
 
-    from kernels.sparse_conv2d import conv_weight_matrix, sparse_conv2d
-    from kernels.sparse_format import TiledSparseWeight
-    from kernels.sparse_matmul import sparse_matmul
+    from kdexport.kernels.sparse_conv2d import conv_weight_matrix, sparse_conv2d
+    from kdexport.kernels.sparse_format import TiledSparseWeight
+    from kdexport.kernels.sparse_matmul import sparse_matmul
 
     dtype, gen = DTYPES[args.dtype], torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -170,7 +170,7 @@ def bench_e2e(args: argparse.Namespace) -> dict:
     import torchvision
     from torch.nn.utils import prune
 
-    from kernels import SparsifyConfig, sparsify_, sparsify_report
+    from kdexport.kernels import SparsifyConfig, sparsify_, sparsify_report
 
     torch.manual_seed(0)
     dense = torchvision.models.resnet18(num_classes=10)

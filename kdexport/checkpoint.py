@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import models
-from models import DistilledStudent
-
+from . import models
 from .errors import CheckpointError
+from .models import DistilledStudent
 from .structure import apply_structure
 
 FORMAT = "kdexport"

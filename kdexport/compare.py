@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, load_model
+from .data import dataset_info, make_loader
 from .errors import ConfigError
+from .train import pick_device
 
 NA_ARCH = "n/a: architectures differ"
 
@@ -36,9 +38,6 @@ def compare_checkpoints(ckpt_a: str | Path, ckpt_b: str | Path, dataset: str | N
                         data_dir: str | Path | None = None, device: str | None = None,
                         batch_size: int = 256) -> dict[str, Any]:
     """Disagreements, logit distances, weight distance and each model's accuracy on `dataset`'s test split."""
-    from .data import dataset_info, make_loader
-    from .train import pick_device
-
     (model_a, spec_a), (model_b, spec_b) = load_model(ckpt_a), load_model(ckpt_b)
     dataset = dataset or spec_a["dataset"]
     info = dataset_info(dataset, data_dir)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import ConfigError, DataError
@@ -92,7 +94,9 @@ def _to_tensor_dataset(images: np.ndarray, labels, info: DatasetInfo) -> TensorD
 
 def _digits(split: str) -> TensorDataset:
     """scikit-learn's bundled 1,797 digits (8x8, 0..16), upsampled to 32x32; fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is heavy and only the digits dataset needs it
+
+    # lazy: scikit-learn is heavy and only the digits dataset needs it
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
@@ -134,8 +138,6 @@ def _cifar(name: str, root: Path, split: str, download: bool) -> TensorDataset:
     }[name]
     base = root / folder
     if download and not base.is_dir():
-        import torchvision
-
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         cls(str(root), train=True, download=True)
     missing = [f for f in files[split] if not (base / f).is_file()]
@@ -193,8 +195,6 @@ def _folder_classes(path: Path) -> list[str]:
 
 
 def _imagefolder(root: Path, split: str) -> Dataset:
-    from PIL import Image
-
     info = dataset_info("imagefolder", root)
     classes = _folder_classes(root / "train")
     folder = root / split

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from models import DistilledStudent, build_projector
-
-from .errors import ConfigError
-
-METHODS = ("simkd", "kd")
+from . import models
+from .checkpoint import load_model
+from .data import make_loader
+from .errors import CheckpointError, ConfigError
+from .models import DistilledStudent, build_projector
+from .train import fit, pick_device, seed_everything
+from .vocab import DISTILL_METHODS
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class DistillConfig:
     cls_weight: float = 1.0  # SimKD: cross-entropy through the frozen teacher classifier (official code: 0)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown distillation method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method not in DISTILL_METHODS:
+            raise ConfigError(f"unknown distillation method {self.method!r}; "
+                              f"choose one of: {', '.join(DISTILL_METHODS)}")
         if self.projector_factor < 1:
             raise ConfigError(f"--projector-factor must be >= 1, got {self.projector_factor}")
         if not self.temperature > 0 or not 0 <= self.alpha <= 1:
@@ -167,11 +169,6 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
             epochs: int, seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
             resume: bool = False) -> dict[str, float]:
     """Distil the pair's student from a trained teacher checkpoint; writes a student checkpoint at `out`."""
-    from .checkpoint import load_model
-    from .data import make_loader
-    from .errors import CheckpointError
-    from .train import fit, pick_device
-
     teacher, tspec = load_model(teacher_ckpt)
     if tspec["kind"] != "model":
         raise CheckpointError(f"{teacher_ckpt} is a {tspec['kind']} checkpoint; the teacher must be a trained "
@@ -186,8 +183,6 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     spec["run"] = distill_run(pair, seed, epochs, recipe, config)
     spec["recipe"] = recipe.to_dict()
     spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
-    from .train import seed_everything
-
     seed_everything(seed)
     student = new_student(spec, teacher)
     dataset = tspec["dataset"]

@@ -14,16 +14,46 @@ import platform
 import socket
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import models
+import torch
 
-from . import __version__
+from . import __version__, models
 from .checkpoint import load_checkpoint, load_model, write_json
+from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
-
-METHODS = ("weight", "channel")
+from .metrics import (
+    count_macs,
+    find_breakpoint,
+    latency_breakpoint,
+    latency_efficiency,
+    param_counts,
+    performance_efficiency,
+)
+from .profile import ProfileConfig, profile
+from .prune import PruneConfig, prune_checkpoint
+from .train import train_classifier, train_run
+from .vocab import (
+    DEFAULT_LEVELS,
+    FINETUNE_SCOPES,
+    MANIFEST_FILE,
+    METHODS,
+    RESULTS_FILE,
+    RUNS_ROOT,
+    STEMS,
+    TEACHER_FILE,
+    check_epochs,
+    check_levels,
+    check_methods,
+    check_repeats,
+    finetune_recipe,
+    get_recipe,
+    level_file,
+    run_directory,
+    student_file,
+)
 
 
 @dataclass(frozen=True)
@@ -57,15 +87,14 @@ class RunConfig:
 
     def __post_init__(self):
         models.resolve_pair(self.pair)
-        for name in ("teacher_epochs", "distill_epochs", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        check_epochs(teacher_epochs=self.teacher_epochs, distill_epochs=self.distill_epochs,
+                     finetune_epochs=self.finetune_epochs)
         if not self.finetune_lr > 0:
             raise ConfigError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
-        if self.finetune_scope not in ("all", "head"):
-            raise ConfigError(f"--finetune-scope must be all or head, got {self.finetune_scope!r}")
-        if self.stem not in models.STEMS:
-            raise ConfigError(f"unknown stem {self.stem!r}; choose one of: {', '.join(models.STEMS)}")
+        if self.finetune_scope not in FINETUNE_SCOPES:
+            raise ConfigError(f"--finetune-scope must be {' or '.join(FINETUNE_SCOPES)}, got {self.finetune_scope!r}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown stem {self.stem!r}; choose one of: {', '.join(STEMS)}")
         if self.profile_batch < 1:
             raise ConfigError("--profile-batch must be >= 1")
 
@@ -75,20 +104,18 @@ class RunConfig:
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / cfg.dataset / cfg.pair.replace(":", "-")
+    return run_directory(RUNS_ROOT, cfg.dataset, cfg.pair)
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import torch_pruning
-
-    return {"kdexport": __version__, "torch": torch.__version__, "torch_pruning": torch_pruning.__version__,
+    """The versions a manifest records; Torch-Pruning's from its package metadata (its __version__ lags)."""
+    return {"kdexport": __version__, "torch": torch.__version__, "torch_pruning": version("torch-pruning"),
             "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------------- manifest
 def _manifest_path(run_dir: Path) -> Path:
-    return run_dir / "manifest.json"
+    return run_dir / MANIFEST_FILE
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -125,8 +152,6 @@ def _reusable(path: Path, run: dict[str, Any], force: bool) -> bool:
 
 # ------------------------------------------------------------------------------------------------ stages
 def _recipe(cfg: RunConfig):
-    from .train import get_recipe
-
     return get_recipe(cfg.recipe)
 
 
@@ -140,9 +165,7 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
         if spec.get("dataset") != cfg.dataset:
             raise CheckpointError(f"{cfg.teacher} was trained on {spec.get('dataset')}, not {cfg.dataset}")
         return Path(cfg.teacher)
-    from .train import train_classifier, train_run
-
-    path = run_dir / "teacher.pt"
+    path = run_dir / TEACHER_FILE
     recipe = _recipe(cfg)
     run = train_run(pair.teacher, cfg.seed, cfg.teacher_epochs, recipe)
     if not _reusable(path, run, force):
@@ -155,11 +178,9 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
 
 def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int | None = None) -> Path:
     """The distilled student run_dir/student.pt (student-s<seed>.pt for other seeds), distilled once."""
-    from .distill import DistillConfig, distill, distill_run
-
     seed = cfg.seed if seed is None else seed
     teacher = ensure_teacher(cfg, run_dir, force)
-    path = run_dir / ("student.pt" if seed == cfg.seed else f"student-s{seed}.pt")
+    path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight)
     recipe = _recipe(cfg)
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
@@ -170,20 +191,12 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     return path
 
 
-def level_path(run_dir: Path, method: str, level: float, seed: int, base_seed: int) -> Path:
-    suffix = "" if seed == base_seed else f"-s{seed}"
-    return run_dir / f"{method}-{level:.2f}{suffix}.pt"
-
-
 def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: int | None = None,
               force: bool = False, student_seed: int | None = None) -> dict[str, Any]:
     """Prune the distilled student to `level` with `method`, fine-tune, and measure it (one row).
 
     `force` recomputes this level only; the shared teacher and student are forced by `compress`.
     """
-    from .prune import PruneConfig, prune_checkpoint
-    from .train import get_recipe
-
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     seed = cfg.seed if seed is None else seed
@@ -194,13 +207,13 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
         path = student  # the unpruned student is level 0 of both methods
     else:
         config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
-        path = level_path(run_dir, method, level, seed, cfg.seed)
+        path = run_dir / level_file(method, level, seed, cfg.seed)
         if not force and path.is_file():
             _check_level_settings(path, config, cfg)
         else:
             prune_checkpoint(student, config, path, finetune_epochs=cfg.finetune_epochs,
                              finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
-                             recipe=get_recipe("paper", lr=cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
+                             recipe=finetune_recipe(cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
                              device=cfg.device)
             record_stage(run_dir, cfg, path.stem, {"path": path.name})
     row = measure(path, cfg)
@@ -223,8 +236,6 @@ def _check_level_settings(path: Path, config, cfg: RunConfig) -> None:
 
 def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
     """Accuracy (from the checkpoint), honest parameter counts, MACs, efficiency and, if asked, latency."""
-    from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
-
     model, spec = load_model(path)
     acc = spec.get("metrics", {})
     if "top1" not in acc:
@@ -239,8 +250,6 @@ def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
         "deployed_efficiency": performance_efficiency(acc["top1"], counts.deployed_nonzero, cfg.w1, cfg.w2),
     }
     if cfg.profile:
-        from .profile import ProfileConfig, profile
-
         result = profile(path, ProfileConfig(backend=cfg.profile, device=cfg.device if cfg.device not in (None, "auto")
                                              else None, batch_sizes=(1, cfg.profile_batch), warmup=5, iters=30))
         by_batch = {r.batch: r.p50_ms for r in result.results}
@@ -252,32 +261,6 @@ def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- compress
-DEFAULT_LEVELS = (0.0, 0.3, 0.5, 0.7, 0.9)
-
-
-def parse_levels(text: str) -> tuple[float, ...]:
-    """"0,0.3,0.5" or "start:stop:step" (stop included) -> sorted unique levels, each in [0, 1)."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(t) for t in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            levels = [round(start + i * step, 6) for i in range(n + 1)]
-        else:
-            levels = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read levels {text!r}; write 0,0.3,0.5 or 0:0.9:0.1") from None
-    return validate_levels(levels)
-
-
-def validate_levels(levels) -> tuple[float, ...]:
-    bad = [x for x in levels if not 0 <= x < 1]
-    if bad or not levels:
-        raise ConfigError(f"pruning levels must lie in [0, 1), got {bad[0] if bad else 'none'}")
-    return tuple(sorted(set(float(x) for x in levels)))
-
-
 @dataclass
 class CompressResult:
     run_dir: Path
@@ -293,7 +276,6 @@ def _mean(values: list[float | None]) -> float | None:
 
 def summarise(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Average repeats, mark breakpoints, and answer "which student should I ship?" per method."""
-    from .metrics import find_breakpoint, latency_breakpoint
 
     table: dict[str, list[dict[str, Any]]] = {}
     summary: list[str] = []
@@ -342,12 +324,9 @@ def summarise(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, lis
 def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: int = 1, run_dir: Path | None = None,
              force: bool = False, log=print) -> CompressResult:
     """Run (or resume) the whole pipeline and return every measured row plus the per-method tables."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"unknown method {unknown[0] if unknown else 'none'!r}; choose from: {', '.join(METHODS)}")
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    levels = validate_levels(levels)
+    methods = check_methods(methods)
+    check_repeats(repeats)
+    levels = check_levels(levels)
     run_dir = Path(run_dir or default_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     cells = [(m, lv, r) for r in range(repeats) for m in methods for lv in levels]
@@ -358,7 +337,7 @@ def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: in
         log(f"[{i}/{len(cells)}] {method} pruning at {level:.0%} (repeat {r + 1}/{repeats})")
         rows.append(run_level(cfg, run_dir, method, level, seed=cfg.seed + r, force=force))
     table, summary = summarise(rows, cfg)
-    write_json(run_dir / "results.json", {"config": dataclasses.asdict(cfg), "rows": rows, "table": table,
+    write_json(run_dir / RESULTS_FILE, {"config": dataclasses.asdict(cfg), "rows": rows, "table": table,
                                           "summary": summary})
     record_stage(run_dir, cfg, "compress", {"methods": list(methods), "levels": list(levels), "repeats": repeats})
     return CompressResult(run_dir, rows, table, summary)

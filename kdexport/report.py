@@ -26,6 +26,9 @@ import numpy as np
 
 from .errors import DataError
 from .metrics import find_breakpoint
+from .stats import read_results_csv, run_stats
+from .sweep.store import read_store
+from .vocab import PARAM_COLUMNS
 
 COLORS = {"weight": "tab:blue", "channel": "tab:orange"}
 MARKERS = "osD^vP*X"
@@ -33,7 +36,7 @@ MARKERS = "osD^vP*X"
 
 def _figure(nplots: int, width: float = 4.2, height: float = 3.2, ncols: int = 3):
     """A matplotlib Figure (no pyplot: no global backend state) with a grid of at least `nplots` axes."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib is heavy and only the report draws
 
     ncols = max(1, min(ncols, nplots))
     nrows = math.ceil(nplots / ncols)
@@ -272,13 +275,8 @@ def _test_row(label: str, res: dict[str, Any]) -> dict[str, Any]:
 def build_report(results: str | Path, out: str | Path, *, dataset: str | None = None, w1: float = 0.5,
                  w2: float = 0.5, tolerance: float = 1.0) -> dict[str, Any]:
     """Write the figures and index.html under `out`; return {html, figures, notes}."""
-    from .stats import run_stats
-    from .sweep.store import PARAM_COLUMNS, read_store
-
     results, out = Path(results), Path(out)
     if results.suffix.lower() == ".csv":
-        from .stats import read_results_csv
-
         rows = [{"pair": r["pair"], "method": r["method"], "level": r.get("level", 0.0),
                  "repeat": r.get("repeat", 0), "top1": r["accuracy"], "params_nonzero": r["params"]}
                 for r in read_results_csv(results)]

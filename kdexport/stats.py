@@ -22,8 +22,8 @@ from scipy import stats as sps
 
 from .errors import ConfigError, DataError
 from .metrics import find_breakpoint, performance_efficiency
+from .vocab import METHODS
 
-METHODS = ("weight", "channel")
 REQUIRED = ("pair", "method", "accuracy", "params")
 OPTIONAL = ("repeat", "level")
 COLUMNS_HINT = "expected columns pair,method,accuracy,params and optionally repeat,level"

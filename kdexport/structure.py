@@ -15,10 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from models import is_distilled
-
 from .errors import CheckpointError
 from .metrics import PRUNABLE
+from .models import is_distilled
 
 VERSION = 1
 _SHAPES: dict[type, tuple[str, ...]] = {

@@ -6,12 +6,10 @@ A run writes `<out>` (the checkpoint), `<out stem>.log.jsonl` (one line per epoc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import models
+from .checkpoint import load_checkpoint, load_model, model_spec, save_checkpoint
+from .data import dataset_info, make_loader
 from .errors import CheckpointError, ConfigError, TrainingError
+from .metrics import param_counts
+from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
 
 stderr = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimisation hyper-parameters. Milestones are fractions of the run, so a recipe scales to any epoch count."""
-
-    name: str
-    lr: float
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    schedule: str = "step"  # step | cosine | constant
-    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # SimKD's 150/180/210 of 240 epochs
-    gamma: float = 0.1
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the KD term in vanilla KD
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.schedule not in ("step", "cosine", "constant"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose step, cosine or constant")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ConfigError("momentum must be in [0, 1) and weight decay >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-RECIPES = {
-    # Malihi & Heidemann 2024: SGD, Nesterov momentum 0.9, lr 0.001, batch 64, weight decay 5e-4, T = 4
-    "paper": Recipe("paper", lr=0.001, nesterov=True, schedule="constant"),
-    # the official SimKD code: lr 0.05, step decay x0.1 at 62.5/75/87.5% of the run
-    "simkd": Recipe("simkd", lr=0.05),
-}
-
-
-def get_recipe(name: str, **overrides: Any) -> Recipe:
-    """A named recipe with individual flags (those not None) overriding it."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    return dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def seed_everything(seed: int) -> None:
@@ -240,11 +193,6 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
                      stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
                      device: str | None = None, resume: bool = False, download: bool = False) -> dict[str, float]:
     """Train a classifier (a teacher, or a student without distillation) with cross-entropy."""
-    import models
-
-    from .checkpoint import model_spec
-    from .data import dataset_info, make_loader
-
     info = dataset_info(dataset, data_dir)
     stem = stem or models.DEFAULT_STEM
     seed_everything(seed)  # --seed also fixes the initial weights
@@ -263,10 +211,6 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
                         device: str | None = None) -> dict[str, Any]:
     """Accuracy and both parameter counts of a checkpoint: `student_params` (paper) and `deployed_params`."""
-    from .checkpoint import load_model
-    from .data import make_loader
-    from .metrics import param_counts
-
     model, spec = load_model(path)
     dataset = dataset or spec["dataset"]
     dev = pick_device(device)

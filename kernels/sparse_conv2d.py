@@ -52,7 +52,7 @@ def sparse_conv2d_op(x: Tensor, values: Tensor, offsets: Tensor, pattern: Tensor
     weight = TiledSparseWeight((out_channels, in_features), block_n, block_k, encoding,  # type: ignore[arg-type]
                                values, offsets, pattern, columns)
     geometry = _geometry(kernel_size, stride, padding, dilation)
-    _sm._check_inputs(x, weight, bias, backend, geometry)
+    _sm.check_inputs(x, weight, bias, backend, geometry)
     if x.shape[0] == 0:
         return _output(x, out_channels, geometry)
     if _sm._use_triton(x, backend):
@@ -68,7 +68,7 @@ def _(x, values, offsets, pattern, columns, bias, out_channels, in_features, blo
     weight = TiledSparseWeight((out_channels, in_features), block_n, block_k, encoding,
                                values, offsets, pattern, columns)
     geometry = _geometry(kernel_size, stride, padding, dilation)
-    _sm._check_inputs(x, weight, bias, backend, geometry)
+    _sm.check_inputs(x, weight, bias, backend, geometry)
     return _output(x, out_channels, geometry)
 
 

@@ -1,4 +1,4 @@
-"""Y = X @ W^T (+ bias, optional fused ReLU) with W in the tiled sparse format (kernels.sparse_format).
+"""Y = X @ W^T (+ bias, optional fused ReLU) with W in the tiled sparse format (sparse_format.py).
 
 Laid out as Triton's matmul tutorial: 1. autotune configs, 2. the kernel, 3. the wrapper, registered as the
 custom op ``kdexport::sparse_matmul`` (with a fake implementation, so it composes with torch.compile),
@@ -28,17 +28,16 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .sparse_format import TiledSparseWeight
+from .spmm_inputs import BACKENDS, ConvGeometry, check_inputs, interpretable, rows
 
 tl: Any = None  # triton.language, bound by _triton(); the functions below are jitted on first use
 libdevice: Any = None  # triton.language.extra.libdevice, likewise
-
-BACKENDS = ("auto", "triton", "torch")
 
 # ----------------------------------------------------------------------------------- 1. autotune configs
 # (BLOCK_M, num_warps, num_stages). BLOCK_N x BLOCK_K is fixed by the weight's tiles; the autotuner only
@@ -196,6 +195,7 @@ def _popcount_swar(x):
 def _triton() -> Any:
     """Import triton once and bind the names the kernel source uses."""
     global tl, libdevice
+    # lazy: triton is optional (kdexport[sparse]); `import kdexport.kernels` works without it
     import triton
     import triton.language
     from triton.language.extra import libdevice as _libdevice
@@ -208,6 +208,7 @@ def triton_mode() -> str:
     """"interpreter" if triton was imported under TRITON_INTERPRET=1 (kernels then run only interpreted, on
     CPU), else "compiler" (kernels compile for CUDA, and CPU tensors take the reference)."""
     _triton()
+    # lazy: optional (kdexport[sparse]); `import kdexport.kernels` works without it
     from triton.runtime.interpreter import InterpretedFunction
 
     return "interpreter" if isinstance(tl.cdiv, InterpretedFunction) else "compiler"
@@ -217,6 +218,7 @@ def triton_mode() -> str:
 def _compiled_kernels() -> tuple[Any, Any, Any]:
     """(GEMM autotuner, GEMV autotuner, popcount) for the GPU. Needs triton_mode() == "compiler"."""
     triton = _triton()
+    # lazy: optional (kdexport[sparse]); `import kdexport.kernels` works without it
     from triton.runtime.jit import JITFunction
 
     kernel = JITFunction(_sparse_matmul_kernel)
@@ -236,6 +238,7 @@ def _compiled_kernels() -> tuple[Any, Any, Any]:
 def _interpreted_kernel() -> Any:
     """The kernel for Triton's CPU interpreter; no autotuning, which would only slow it down."""
     _triton()
+    # lazy: optional (kdexport[sparse]); `import kdexport.kernels` works without it
     from triton.runtime.interpreter import InterpretedFunction
 
     return InterpretedFunction(_sparse_matmul_kernel)
@@ -257,27 +260,6 @@ def _split_k(m: int, n_tiles: int, k_tiles: int, device: torch.device) -> int:
     return max(1, min(-(-2 * sms // programs), k_tiles // MIN_K_TILES_PER_SPLIT))
 
 
-class ConvGeometry(NamedTuple):
-    """A 2-D convolution run by the kernel as an implicit GEMM (its CONV switch); all pairs are (h, w)."""
-
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
-                     for size, k, s, p, d in zip((height, width), *self, strict=True))
-
-
-def _rows(x: Tensor, conv: ConvGeometry | None) -> int:
-    """M: rows of X, i.e. output pixels (batch x OH x OW) for a convolution."""
-    if conv is None:
-        return x.shape[0]
-    oh, ow = conv.output_size(*x.shape[2:])
-    return x.shape[0] * oh * ow
-
-
 def _launch_triton(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, relu: bool,
                    split_k: int | None = None, conv: ConvGeometry | None = None) -> Tensor:
     """Run the Triton kernel, compiled for CUDA tensors and interpreted for CPU tensors; Y is (M, N).
@@ -285,7 +267,7 @@ def _launch_triton(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, re
     x is (M, K), or for `conv` the (batch, C, H, W) input image (any strides).
     """
     triton = _triton()
-    m, (n, k) = _rows(x, conv), weight.shape
+    m, (n, k) = rows(x, conv), weight.shape
     n_tiles, k_tiles = weight.tile_grid
     split_k = _split_k(m, n_tiles, k_tiles, x.device) if split_k is None else split_k
     fused = split_k == 1
@@ -321,52 +303,13 @@ def _launch_triton(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, re
     return (y.relu_() if relu else y).to(x.dtype)
 
 
-def _check_inputs(x: Tensor, weight: TiledSparseWeight, bias: Tensor | None, backend: str,
-                  conv: ConvGeometry | None = None) -> None:
-    """Raise ValueError/TypeError for inputs the kernel cannot take (shape, dtype, device, backend)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if conv is None and (x.dim() != 2 or x.shape[1] != weight.shape[1]):
-        raise ValueError(f"x must be (M, {weight.shape[1]}) for a {weight.shape} weight, got {tuple(x.shape)}")
-    if conv is not None:
-        taps = conv.kernel_size[0] * conv.kernel_size[1]
-        if x.dim() != 4 or x.shape[1] * taps != weight.shape[1]:
-            raise ValueError(f"x must be (N, {weight.shape[1] // taps}, H, W) for a {weight.shape} weight and a "
-                             f"{conv.kernel_size} kernel, got {tuple(x.shape)}")
-        if min(conv.output_size(*x.shape[2:])) < 1:
-            raise ValueError(f"a {tuple(x.shape[2:])} input is smaller than the {conv.kernel_size} kernel's window")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x dtype {x.dtype} differs from the weight's {weight.dtype}; cast one of them")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}")
-    if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from x's {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if backend == "triton" and x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"backend='triton' runs on CUDA (compiled) or CPU (interpreted), not {x.device.type}")
-    if backend == "triton" and x.device.type == "cpu" and not _interpretable(x.dtype):
-        raise ValueError("Triton's CPU interpreter computes bfloat16 tl.dot wrongly: use float16/float32 on CPU, "
-                         "or backend='torch'")
-
-
-def _interpretable(dtype: torch.dtype) -> bool:
-    """Triton's interpreter (3.8) multiplies bfloat16 dot operands as raw integers."""
-    return dtype != torch.bfloat16
-
-
 def _use_triton(x: Tensor, backend: str) -> bool:
     """Whether this call runs the Triton kernel; RuntimeError where this process's Triton cannot run it."""
     if backend == "torch" or x.device.type not in ("cpu", "cuda"):
-        return False  # backend="triton" on other devices was refused by _check_inputs
+        return False  # backend="triton" on other devices was refused by check_inputs
     on_cpu = x.device.type == "cpu"
     if backend == "auto" and on_cpu:  # interpreted if asked for and possible; otherwise the reference
-        return (os.environ.get("TRITON_INTERPRET") == "1" and _interpretable(x.dtype)
+        return (os.environ.get("TRITON_INTERPRET") == "1" and interpretable(x.dtype)
                 and triton_mode() == "interpreter")
     mode = triton_mode()
     if on_cpu and mode == "compiler":
@@ -386,7 +329,7 @@ def sparse_matmul_op(x: Tensor, values: Tensor, offsets: Tensor, pattern: Tensor
     """The registered op on the format's raw tensors (see `sparse_matmul` for the friendly signature)."""
     weight = TiledSparseWeight((out_features, in_features), block_n, block_k, encoding,  # type: ignore[arg-type]
                                values, offsets, pattern, columns)
-    _check_inputs(x, weight, bias, backend)
+    check_inputs(x, weight, bias, backend)
     if x.shape[0] == 0:
         return x.new_empty((0, out_features))
     if _use_triton(x, backend):
@@ -399,7 +342,7 @@ def _(x, values, offsets, pattern, columns, bias, out_features, in_features, blo
       backend):
     weight = TiledSparseWeight((out_features, in_features), block_n, block_k, encoding,
                                values, offsets, pattern, columns)
-    _check_inputs(x, weight, bias, backend)
+    check_inputs(x, weight, bias, backend)
     return x.new_empty((x.shape[0], out_features))
 
 

@@ -70,3 +70,9 @@ def load_pretrained_(model: nn.Module, path: str | Path) -> None:
         raise PretrainedWeightsError(f"{path} does not match {type(model).__name__}: unexpected keys such as "
                                      f"{unknown[0]!r}")
     model.load_state_dict(usable, strict=False)
+
+
+def count_params(name: str, num_classes: int = 10) -> int:
+    """Parameters of a registered model, counted on the meta device (shapes only: nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name, num_classes).parameters())

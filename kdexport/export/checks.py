@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import get_dataset
+
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
@@ -84,8 +86,6 @@ def torch_logits(model: nn.Module, x: torch.Tensor, device: str = "cpu", chunk: 
 def eval_images(dataset: str, split: str, limit: int | None, root: str | Path | None) -> tuple[np.ndarray,
                                                                                                 np.ndarray]:
     """Images and labels of a split; `limit` keeps an evenly spaced subset (folders are sorted by class)."""
-    from ..data import get_dataset
-
     ds = get_dataset(dataset, split, root)
     idx = np.arange(len(ds)) if limit is None or limit >= len(ds) else \
         np.linspace(0, len(ds) - 1, limit).round().astype(int)

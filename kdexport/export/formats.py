@@ -6,23 +6,10 @@ Cheap to import (no torch, onnx or tensorrt), so the CLI can use it while parsin
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from enum import Enum
 from pathlib import Path
 
 from ..errors import CheckFailed, ConfigError, KdexportError
-
-
-class Format(str, Enum):
-    ONNX = "onnx"
-    TENSORRT = "tensorrt"
-
-    @classmethod
-    def _missing_(cls, value: object) -> Format | None:
-        alias = ALIASES.get(str(value).lower())
-        return cls(alias) if alias else None
-
-
-ALIASES = {"trt": "tensorrt"}
+from ..vocab import ALIASES, FORMAT_NAMES, INT8_TARGETS, Format  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -43,7 +30,6 @@ FORMATS: dict[Format, FormatSpec] = {
                                 frozenset({"opset", "batch", "dynamic", "half", "int8", "calib", "atol",
                                            "workspace"})),
 }
-FORMAT_NAMES = tuple(f.value for f in Format) + tuple(ALIASES)  # what --format accepts
 
 MIN_OPSET, MAX_OPSET = 13, 20  # QDQ per-channel needs 13; the TorchScript exporter stops at 20
 DEFAULT_CALIB = 128
@@ -56,8 +42,6 @@ DEFAULT_WORKSPACE_MB = 1024
 # pooling, a layer left in training mode) moves logits by 1e-2 of their scale or more. TensorRT fp32 (TF32 off)
 # sums in other orders (Winograd, split-K): 2e-3. fp16 has an 11-bit mantissa: 5e-2.
 DEFAULT_ATOL = {"onnx-fp32": 1e-3, "tensorrt-fp32": 2e-3, "tensorrt-fp16": 5e-2}
-
-INT8_TARGETS = ("tensorrt", "cpu")  # the QDQ recipes of kdexport.export.int8
 
 _FLAG = {f: "--" + f.replace("_", "-") for f in ("opset", "batch", "dynamic", "half", "int8", "int8_target",
                                                  "calib", "atol", "device", "workspace", "eval_limit",

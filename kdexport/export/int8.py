@@ -36,6 +36,7 @@ RECIPES = {
 
 
 def _reader(images: np.ndarray, batch: int, fixed: bool):
+    # lazy: onnxruntime is heavy and only the ORT paths need it
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -55,7 +56,7 @@ def _reader(images: np.ndarray, batch: int, fixed: bool):
 
 
 def _recipe_args(target: str) -> dict:
-    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import QuantType  # lazy: onnxruntime is heavy and only the ORT paths need it
 
     if target == "tensorrt":
         return dict(activation_type=QuantType.QInt8, op_types_to_quantize=_WEIGHTED,
@@ -67,7 +68,10 @@ def _recipe_args(target: str) -> dict:
 def quantize_int8(fp32: bytes, images: np.ndarray, *, batch: int, fixed: bool,
                   target: str = "tensorrt") -> tuple[bytes, list[str]]:
     """A QDQ INT8 model of the verified fp32 ONNX `fp32`, calibrated (MinMax) on `images`; (bytes, notes)."""
+    # lazy: onnxruntime is heavy and only the ORT paths need it
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    # lazy: onnxruntime is heavy and only the ORT paths need it
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     notes: list[str] = []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..checkpoint import atomic_write, load_model
 from ..errors import ConfigError
 from .checks import batches
 from .formats import ExportFailed
@@ -70,7 +71,7 @@ def metadata(spec: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
 def finalize(data: bytes, meta: dict[str, str], *, num_classes: int | None, batch: int | None) -> bytes:
     """Attach metadata, then onnx.checker (full) and strict shape inference; the output must be [batch, classes]
     (`batch` None: a symbolic batch dimension)."""
-    import onnx
+    import onnx  # lazy: onnx is heavy and only ONNX artefacts need it
 
     model = onnx.load_from_string(data)
     del model.metadata_props[:]
@@ -91,7 +92,7 @@ def finalize(data: bytes, meta: dict[str, str], *, num_classes: int | None, batc
 
 def onnx_metadata(data: bytes | str | Path) -> dict[str, str]:
     """The metadata_props of an ONNX model (bytes or file)."""
-    import onnx
+    import onnx  # lazy: onnx is heavy and only ONNX artefacts need it
 
     model = onnx.load_from_string(data) if isinstance(data, bytes) else onnx.load(str(data),
                                                                                   load_external_data=False)
@@ -104,8 +105,6 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, *, opset: int =
 
     The quick path (used by `kdexport profile` for ONNX Runtime): checker and shape inference, no parity
     check on data; `kdexport export` (`kdexport.export.export`) is the verified path."""
-    from ..checkpoint import atomic_write, load_model
-
     if isinstance(source, nn.Module):
         model, spec = source, None
     else:
@@ -128,7 +127,7 @@ class OrtRunner:
     runtime = "onnxruntime-cpu"
 
     def __init__(self, model: bytes | str | Path):
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime is heavy and only the ORT paths need it
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

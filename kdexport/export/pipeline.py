@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_write, build_model, load_model
+from ..data import sample_batch
 from ..errors import CheckpointError, ConfigError
+from ..metrics import sparse_encoded_bytes
 from . import tensorrt_engine
 from .checks import Parity, accuracy, compare, eval_images, torch_logits
 from .formats import DEFAULT_CALIB, DEFAULT_WORKSPACE_MB, ExportConfig, Format, ParityError
+from .int8 import RECIPES, quantize_int8
 from .onnx_io import EXPORTER, OrtRunner, finalize, metadata, onnx_bytes
 
 PARITY_IMAGES = 16  # at least; rounded up to whole static batches
@@ -72,9 +76,6 @@ class ExportResult:
 
 def export(checkpoint: str | Path, config: ExportConfig | None = None) -> ExportResult:
     """Export a kdexport checkpoint as `config` says; ParityError / ExportFailed (exit 1) leave no file."""
-    from ..checkpoint import atomic_write, load_model
-    from ..data import sample_batch
-
     config = config or ExportConfig()
     trt = config.format is Format.TENSORRT
     if trt:
@@ -132,9 +133,6 @@ def export(checkpoint: str | Path, config: ExportConfig | None = None) -> Export
 
 def _pruned_sizes(result: ExportResult, model, spec: dict[str, Any], config: ExportConfig) -> None:
     """Channel-pruned: the ONNX size of the same architecture unslimmed; weight-pruned: the sparse encoding."""
-    from ..checkpoint import build_model
-    from ..metrics import sparse_encoded_bytes
-
     if spec.get("structure"):
         unpruned = build_model({k: v for k, v in spec.items() if k != "structure"}).eval()
         result.unpruned_onnx_bytes = len(onnx_bytes(unpruned, tuple(spec["input_size"]), opset=config.opset,
@@ -145,8 +143,6 @@ def _pruned_sizes(result: ExportResult, model, spec: dict[str, Any], config: Exp
 
 
 def _int8_meta(result: ExportResult, config: ExportConfig) -> dict[str, Any]:
-    from .int8 import RECIPES
-
     quant = {"format": "QDQ", "target": config.recipe, "calibration": "MinMax", **RECIPES[config.recipe]}
     return dict(precision="int8", quantization=quant, calib_images=result.calib_images,
                 accuracy_top1_onnx_fp32=result.accuracy_fp32, accuracy_top1_int8=result.accuracy_int8,
@@ -156,8 +152,6 @@ def _int8_meta(result: ExportResult, config: ExportConfig) -> dict[str, Any]:
 def _quantize(result: ExportResult, fp32: bytes, ort_fp32: OrtRunner, spec: dict[str, Any], config: ExportConfig,
               meta: dict[str, Any], static: int | None, trt: bool) -> tuple[bytes, tuple]:
     """The checked INT8 QDQ model, and the test images (x, y) on which the fp32 ONNX accuracy was taken."""
-    from .int8 import quantize_int8
-
     calib, _ = eval_images(spec["dataset"], "train", config.calib or DEFAULT_CALIB, config.data_dir)
     q, notes = quantize_int8(fp32, calib, batch=config.batch, fixed=static is not None, target=config.recipe)
     result.notes += notes + ([CPU_NOTE] if not trt and config.recipe == "tensorrt" else [])

@@ -13,6 +13,7 @@ import importlib.util
 import time
 
 import numpy as np
+import torch
 
 from .checks import batches
 from .formats import ExportFailed, TensorRTUnavailable
@@ -22,8 +23,6 @@ INSTALL = "pip install 'kdexport[tensorrt]' on a machine with an NVIDIA GPU (on 
 
 def missing() -> list[str]:
     """What --format tensorrt lacks here (empty when it can run). Initialises no CUDA context."""
-    import torch
-
     lacks = []
     if not torch.cuda.is_available():
         lacks.append("a CUDA GPU")
@@ -47,7 +46,7 @@ def require() -> None:
 def _trt():
     """The tensorrt module, or one line saying it is broken (found by require(), but its libraries fail)."""
     try:
-        import tensorrt
+        import tensorrt  # lazy: optional (kdexport[tensorrt]), GPU machines only
     except ImportError as exc:
         raise TensorRTUnavailable(f"the tensorrt package is installed but does not import ({exc}): reinstall "
                                   "it, matching this machine's CUDA driver") from None
@@ -107,8 +106,6 @@ class EngineRunner:
     runtime = "tensorrt"
 
     def __init__(self, plan: bytes):
-        import torch
-
         trt = _trt()
         self.torch = torch
         self.runtime_ = trt.Runtime(_logger())

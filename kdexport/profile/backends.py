@@ -12,7 +12,6 @@ import copy
 import importlib.util
 import tempfile
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import load_model
 from ..errors import ConfigError, KdexportError
-
-
-class Backend(str, Enum):
-    TORCH = "torch"
-    TORCH_SPARSE = "torch-sparse"
-    ORT_CPU = "ort-cpu"
-    ORT_CUDA = "ort-cuda"
-    ORT_TRT = "ort-trt"
-    TENSORRT = "tensorrt"
-    AUTO = "auto"
+from ..export import export_onnx
+from ..kernels.modules import SparsifyConfig, sparsify_
+from ..vocab import Backend
 
 
 class BackendUnavailable(KdexportError):
@@ -41,7 +34,7 @@ GPU_ONLY = {Backend.TORCH_SPARSE, Backend.ORT_CUDA, Backend.ORT_TRT, Backend.TEN
 ORT_PROVIDERS = {Backend.ORT_CPU: "CPUExecutionProvider", Backend.ORT_CUDA: "CUDAExecutionProvider",
                  Backend.ORT_TRT: "TensorrtExecutionProvider"}
 NEEDS = {  # backend -> (what it needs, how to get it)
-    Backend.TORCH_SPARSE: ("a CUDA GPU, triton and kdexport's sparse kernels (kernels.modules)",
+    Backend.TORCH_SPARSE: ("a CUDA GPU, triton and kdexport's sparse kernels (kdexport.kernels)",
                            "pip install triton"),
     Backend.ORT_CPU: ("onnxruntime", "pip install onnxruntime"),
     Backend.ORT_CUDA: ("onnxruntime-gpu and a CUDA GPU",
@@ -82,14 +75,14 @@ def reason_for(backend: Backend) -> str | None:
     if backend in GPU_ONLY and cuda_reason():
         missing.append("a CUDA GPU")
     if backend is Backend.TORCH_SPARSE:
-        missing += [m for m in ("triton", "kernels.modules") if not _installed(m)]
+        missing += [m for m in ("triton", "kdexport.kernels.modules") if not _installed(m)]
     elif backend is Backend.TENSORRT:
         if not _installed("tensorrt"):
             missing.append("the tensorrt package")
     elif not _installed("onnxruntime"):
         missing.append("onnxruntime")
     else:
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime is heavy and only the ORT paths need it
 
         if ORT_PROVIDERS[backend] not in ort.get_available_providers():
             missing.append(f"onnxruntime's {ORT_PROVIDERS[backend]}")
@@ -147,8 +140,6 @@ class Artifact:
 
     def model(self) -> nn.Module:
         if self._model is None:
-            from ..checkpoint import load_model
-
             self._model, spec = load_model(self.path)
             self.spec_size = tuple(spec["input_size"])
         return self._model
@@ -168,7 +159,7 @@ class Artifact:
 
 def _onnx_bytes(path: Path) -> int:
     """Size of an ONNX model including the external-data files it references."""
-    import onnx
+    import onnx  # lazy: onnx is heavy and only ONNX artefacts need it
 
     total, seen = path.stat().st_size, set()
     model = onnx.load(str(path), load_external_data=False)
@@ -182,13 +173,7 @@ def _onnx_bytes(path: Path) -> int:
 
 
 def _onnx_for(art: Artifact, out: Path, input_size=None) -> Path:
-    """The single hook into kdexport.export: a checkpoint/module as ONNX (dynamic batch) for ORT; a module
-    needs `input_size` (C, H, W), a checkpoint's defaults to its spec's."""
-    try:
-        from ..export import export_onnx
-    except ImportError:
-        raise BackendUnavailable("the ONNX Runtime backends need kdexport.export to convert a checkpoint or "
-                                 "module, and this install has none: profile an .onnx file instead") from None
+    """A checkpoint/module as ONNX (dynamic batch) for ORT; a module needs `input_size` (C, H, W)."""
     export_onnx(art.path if art.path is not None else art.model(), out, input_size=input_size)
     return out
 
@@ -209,8 +194,6 @@ class _TorchRunner:
         self._restore = (model, model.training, first.device if first is not None else None)
         self.model, self.device = model.eval().to(device), device
         if backend is Backend.TORCH_SPARSE:
-            from kernels.modules import SparsifyConfig, sparsify_  # after .to(cuda): formats are built there
-
             sparsify_(self.model, SparsifyConfig(input_size=self.input_size))
         self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
 
@@ -235,7 +218,7 @@ class OrtRunner:
     torch_allocates, extra_cuda_bytes = False, 0  # ORT's own arena: invisible to torch's counters
 
     def __init__(self, art: Artifact, backend: Backend, threads: int, input_size, batch_sizes):
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime is heavy and only the ORT paths need it
 
         self.ort, self.device = ort, ("cpu" if backend is Backend.ORT_CPU else "cuda")
         source = art.onnx(input_size)
@@ -294,7 +277,7 @@ class OrtRunner:
 
 def _trt_profile(source: Path | bytes, input_size, max_batch: int) -> dict[str, Any]:
     """ORT TensorRT provider options: one optimisation profile from batch 1 to the largest requested batch."""
-    import onnx
+    import onnx  # lazy: onnx is heavy and only ONNX artefacts need it
 
     model = onnx.load(str(source), load_external_data=False) if isinstance(source, Path) else \
         onnx.load_from_string(source)
@@ -316,7 +299,7 @@ class _TensorRTRunner:
     torch_allocates = True
 
     def __init__(self, art: Artifact, input_size):
-        import tensorrt as trt
+        import tensorrt as trt  # lazy: optional (kdexport[tensorrt]), GPU machines only
 
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(art.path.read_bytes())

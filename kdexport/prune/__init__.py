@@ -14,14 +14,15 @@ file (*.state.pt), a state_dict with unbaked masks, an unknown kind, and for fin
 one that is not the student's (same model name and class count).
 """
 
+from ..vocab import FINETUNE_SCOPES, METHODS, SCOPES
 from .channel import L1Importance, ignored_layers, prune_channels, prune_channels_, replay_channels_
-from .config import FINETUNE_SCOPES, METHODS, SCOPES, PruneConfig, step_amount
-from .run import default_recipe, finetune_parts, load_prunable, prune_checkpoint
+from .config import PruneConfig, step_amount
+from .run import finetune_parts, load_prunable, prune_checkpoint
 from .weight import has_masks, prunable_layers, prune_weights_, remove_masks_, rewind_weights_
 
 __all__ = [
     "PruneConfig", "METHODS", "SCOPES", "FINETUNE_SCOPES", "step_amount",
     "prune_weights_", "remove_masks_", "rewind_weights_", "prunable_layers", "has_masks",
     "prune_channels_", "prune_channels", "replay_channels_", "ignored_layers", "L1Importance",
-    "prune_checkpoint", "load_prunable", "finetune_parts", "default_recipe",
+    "prune_checkpoint", "load_prunable", "finetune_parts",
 ]

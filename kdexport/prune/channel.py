@@ -30,13 +30,12 @@ from collections.abc import Iterator
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency import constants, index_mapping, shape_infer
 from torch_pruning.dependency.group import Group
-
-from models import is_distilled
 
 from ..errors import ConfigError
 from ..metrics import PRUNABLE
+from ..models import is_distilled
 from ..structure import sync_widths_
 from .config import PruneConfig
 from .weight import has_masks
@@ -71,8 +70,6 @@ def _concat_mapping(graph, cat_node, done: dict[int, list]) -> None:
     `done` maps a concat node to the input sizes its mappings were last set for: only a pruning step changes
     `concat_sizes`, and the mappings depend on nothing else.
     """
-    from torch_pruning.dependency import constants, shape_infer
-
     if cat_node.type != tp.ops.OPTYPE.CONCAT:
         return
     dim = getattr(cat_node.grad_fn, "_saved_dim", 1)

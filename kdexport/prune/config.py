@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-
-METHODS = ("weight", "channel")
-SCOPES = ("global", "layer")
-FINETUNE_SCOPES = ("all", "head")
+from ..vocab import METHODS, SCOPES
 
 
 @dataclass(frozen=True)

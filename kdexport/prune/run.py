@@ -7,9 +7,8 @@ The teacher checkpoint is `teacher_ckpt`, else `teacher.pt` next to the input (t
 (the teacher classifier after it is frozen anyway) or the classifier of a plain model; the frozen rest
 stays in eval mode, so its BatchNorm statistics do not drift.
 
-Default recipe: the paper's (SGD, Nesterov 0.9, batch 64, wd 5e-4, constant schedule) with lr 0.01 instead of
-its 0.001, because we fine-tune for a few epochs where the paper fine-tuned for many, and at 0.001 a few
-epochs barely move a pruned model.
+Default recipe: kdexport.vocab.finetune_recipe(), the paper's (SGD, Nesterov 0.9, batch 64, wd 5e-4, constant
+schedule) at lr 0.01.
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import is_distilled
-
 from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, model_from, save_checkpoint
+from ..data import make_loader
+from ..distill import distillation_step
 from ..errors import CheckpointError, ConfigError
 from ..metrics import (
     count_macs,
@@ -36,18 +35,15 @@ from ..metrics import (
     serialized_bytes,
     sparse_encoded_bytes,
 )
+from ..models import is_distilled
 from ..structure import structure_of
+from ..train import ce_step, evaluate, fit, pick_device, seed_everything
+from ..vocab import FINETUNE_SCOPES, finetune_recipe
 from .channel import prune_channels, replay_channels_
-from .config import FINETUNE_SCOPES, PruneConfig
+from .config import PruneConfig
 from .weight import prune_weights_, remove_masks_, rewind_weights_
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def default_recipe():
-    from ..train import get_recipe
-
-    return get_recipe("paper", lr=0.01)
 
 
 def load_prunable(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -67,9 +63,6 @@ def load_prunable(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 def _objective(model: nn.Module, spec: dict[str, Any], ckpt: Path, teacher_ckpt: str | Path | None,
                device: torch.device) -> tuple[Step, str, Path | None]:
     """(step, name, teacher path): the student's own training objective."""
-    from ..distill import distillation_step
-    from ..train import ce_step
-
     distill = spec.get("distill") or {}
     if spec["kind"] != "distilled" and not distill:
         if teacher_ckpt is not None:
@@ -113,8 +106,6 @@ def _frozen(parts: list[nn.Module]) -> Iterator[None]:
 def _finetune(model: nn.Module, step: Step, loaders, recipe, epochs: int, scope: str, out: Path,
               spec: dict[str, Any], seed: int, device: torch.device, label: str) -> dict[str, float]:
     """kdexport.train.fit on the scope's parameters, the frozen parts held in eval mode at every step."""
-    from ..train import fit
-
     trained, frozen = finetune_parts(model, scope)
 
     def guarded(m: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -155,9 +146,6 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     macs, effective_macs, size_bytes (torch.save), sparse_bytes (best sparse encoding).
     Nothing is written at `out_path` unless everything succeeds.
     """
-    from ..data import make_loader
-    from ..train import evaluate, pick_device, seed_everything
-
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if finetune_scope not in FINETUNE_SCOPES:
         raise ConfigError(f"--finetune-scope must be one of {', '.join(FINETUNE_SCOPES)}, got {finetune_scope!r}")
@@ -166,7 +154,7 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     if out_path.resolve() == ckpt_path.resolve():
         raise ConfigError(f"--out would overwrite the input checkpoint {ckpt_path}; choose another directory")
     model, spec = load_prunable(ckpt_path)
-    recipe = recipe or default_recipe()
+    recipe = recipe or finetune_recipe()
     dev = pick_device(device)
     seed_everything(seed)
     step, objective, teacher = None, None, None

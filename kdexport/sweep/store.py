@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..stats import read_results_csv
+from ..vocab import PARAM_COLUMNS, STORE_NAME, norm_level
 
-STORE_NAME = "results.sqlite"
 KEY = ("pair", "dataset", "method", "level", "repeat")
 # (column, SQL type) after the key; anything else a cell returns goes to the JSON column `extra`
 COLUMNS = (
@@ -30,12 +31,6 @@ COLUMNS = (
 JSON_COLUMNS = ("layer_sparsity", "versions", "extra")
 STAGE_COLUMNS = ("dataset", "pair", "stage", "repeat", "seed", "model", "top1", "top5", "params",
                  "params_nonzero", "deployed_params", "path", "duration_s", "host", "finished_at")
-PARAM_COLUMNS = {"student": "params_nonzero", "deployed": "deployed_params"}  # the efficiency's parameters
-
-
-def norm_level(level: float) -> float:
-    """Levels are keys: round them so that 0.1 * 3 and 0.3 are the same cell."""
-    return round(float(level), 6)
 
 
 class ResultsStore:
@@ -145,8 +140,6 @@ def read_store(path: str | Path, dataset: str | None = None) -> tuple[list[dict]
 def stats_rows(path: str | Path, params: str = "student", dataset: str | None = None) -> list[dict[str, Any]]:
     """Rows for kdexport.stats from a results store (.sqlite) or a CSV: pair, method, accuracy, params,
     repeat, level. `params`: "student" (non-zero backbone parameters, the paper's) or "deployed"."""
-    from ..stats import read_results_csv
-
     path = Path(path)
     if path.suffix.lower() == ".csv":
         return read_results_csv(path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from kdexport import models
 from kdexport.checkpoint import (
     FORMAT_VERSION,
     atomic_write,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import models
+from kdexport import models
 from kdexport.checkpoint import model_spec, save_checkpoint
 from kdexport.compare import NA_ARCH, compare_checkpoints
 from kdexport.data import dataset_info, make_loader
@@ -73,7 +73,7 @@ def test_compare_errors(ckpts, tmp_path):
 
 
 def test_compare_cli(ckpts):
-    from cli import app
+    from kdexport.cli import app
 
     _, _, pa, pb, pc = ckpts
     res = CliRunner().invoke(app, ["compare", str(pa), str(pb), "--dataset", "digits", "--device", "cpu", "--json"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
+from kdexport import models
 from kdexport.data import sample_batch
 from kdexport.distill import (
     DistillConfig,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli
+from kdexport import cli
 from kdexport.checkpoint import load_model, model_spec, save_checkpoint
+from kdexport.cli import deploy
 from kdexport.data import dataset_info, sample_batch
 from kdexport.distill import DistilledStudent
 from kdexport.errors import CheckFailed, ConfigError
@@ -83,7 +84,7 @@ def initializer_numel(path) -> int:
 
 # ----------------------------------------------------------------------------------------------- config
 def test_format_table_and_cli_choices_agree():
-    assert tuple(f.value for f in cli.ExportFormat) == FORMAT_NAMES
+    assert tuple(f.value for f in deploy.ExportFormat) == FORMAT_NAMES
     assert Format("trt") is Format.TENSORRT and ExportConfig("trt").format is Format.TENSORRT
     assert FORMATS[Format.ONNX].suffixes[0] == ".onnx" and FORMATS[Format.TENSORRT].device == "gpu"
     assert "half" not in FORMATS[Format.ONNX].options and "device" not in FORMATS[Format.TENSORRT].options
@@ -167,7 +168,7 @@ def test_metadata_and_shapes(tmp_path):
 
 
 def test_input_independent_logits_are_flagged(tmp_path):
-    import models
+    from kdexport import models
 
     model = models.create_model("lenet5", 10)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
+from kdexport import models
 from kdexport.distill import DistilledStudent
 from kdexport.errors import ConfigError
 from kdexport.metrics import (

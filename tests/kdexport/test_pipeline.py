@@ -7,9 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from kdexport.cli import app
 from kdexport.errors import ConfigError
-from kdexport.pipeline import RunConfig, parse_levels, summarise
+from kdexport.pipeline import RunConfig, summarise
+from kdexport.vocab import parse_levels
 
 runner = CliRunner()
 FAST = ["--pair", "lenet5:lenet300_100", "--levels", "0,0.5", "--teacher-epochs", "1", "--distill-epochs", "1",
@@ -63,7 +64,7 @@ def test_changed_settings_are_refused_not_silently_mixed(run_dir, changed, messa
 
 @pytest.mark.parametrize("args, message", [
     (["--levels", "0,1.0"], "[0, 1)"),
-    (["--levels", "a,b"], "cannot read levels"),
+    (["--levels", "a,b"], "--levels 'a,b'"),
     (["--methods", "magic"], "unknown method"),
     (["--pair", "nope-pair"], "unknown pair"),
     (["--finetune-lr", "0"], "--finetune-lr must be > 0"),
@@ -77,7 +78,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 def test_parse_levels_ranges():
     assert parse_levels("0:0.9:0.1") == tuple(round(0.1 * i, 6) for i in range(10))
-    assert parse_levels("0.5,0,0.5") == (0.0, 0.5)
+    assert parse_levels("0.5,0,0.3") == (0.0, 0.3, 0.5)
+    with pytest.raises(ConfigError, match="duplicates"):  # one rule for compress and sweep: refused, not merged
+        parse_levels("0.5,0,0.5")
     with pytest.raises(ConfigError):
         parse_levels("0:1:0.5")
 

@@ -149,7 +149,7 @@ def test_measure_helpers(mobilenet_onnx):
 
 def test_checkpoint_with_torch_backend(tmp_path):
     from kdexport.checkpoint import model_spec, save_checkpoint
-    from models import create_model
+    from kdexport.models import create_model
 
     model = create_model("lenet5", num_classes=10, stem="cifar")
     spec = model_spec("model", num_classes=10, stem="cifar", input_size=(3, 32, 32), dataset="digits",

@@ -1,5 +1,5 @@
 """kdexport.prune: channel pruning of every architecture (with round-tripping structure specs), Torch-Pruning's
-coupled layers, weight masks (global / layer / iterative / rewinding), prune_checkpoint fine-tuning, the CLI."""
+coupled layers, prune_checkpoint fine-tuning, the CLI (weight masks: test_prune_weights.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,24 @@ import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 from typer.testing import CliRunner
 
-import models
-from cli import app
+from kdexport import models
 from kdexport.checkpoint import build_model, load_checkpoint, load_model, model_spec, save_checkpoint
-from kdexport.data import dataset_info, make_loader
+from kdexport.cli import app
+from kdexport.data import dataset_info
 from kdexport.distill import DistillConfig, DistilledStudent, student_spec
 from kdexport.errors import CheckpointError, ConfigError
-from kdexport.metrics import count_macs, global_sparsity, layer_sparsity
+from kdexport.metrics import count_macs, global_sparsity
 from kdexport.prune import (
     L1Importance,
     PruneConfig,
     ignored_layers,
-    prunable_layers,
-    prune_channels,
     prune_channels_,
     prune_checkpoint,
     prune_weights_,
-    remove_masks_,
-    replay_channels_,
-    rewind_weights_,
-    step_amount,
 )
 from kdexport.structure import apply_structure, structure_of
-from kdexport.train import ce_step, fit, get_recipe
 
 SIZE = (3, 32, 32)
 DIGITS = dataset_info("digits")
@@ -223,88 +215,6 @@ def test_global_channel_scope_prunes_and_never_empties_a_layer(name):
     assert sum(after.values()) < 0.75 * sum(before.values())
     assert all(after[n] >= min(8, before[n]) for n in before)
     assert all(c % 8 == 0 for n, c in after.items() if c != before[n])
-
-
-# -------------------------------------------------------------------------------------------- weights
-@pytest.fixture()
-def student() -> DistilledStudent:
-    torch.manual_seed(0)
-    return DistilledStudent.from_names("resnet18", "lenet5", num_classes=10, stem="imagenet", input_size=SIZE)
-
-
-def test_global_weight_pruning_covers_backbone_projector_and_frozen_head(student):
-    prune_weights_(student, PruneConfig("weight", 0.7))
-    assert abs(global_sparsity(student) - 0.7) < 0.005
-    assert all(torch_prune.is_pruned(m) for m in (student.head.classifier, student.projector[0],
-                                                   student.student.features[0]))
-    assert not student.head.classifier.weight_orig.requires_grad  # frozen, but masked
-    sparsities = [r["sparsity"] for r in layer_sparsity(student)]
-    assert max(sparsities) - min(sparsities) > 0.2  # one global ranking: layers end up unequal
-
-
-def test_layer_scope_gives_every_layer_the_amount(student):
-    prune_weights_(student, PruneConfig("weight", 0.6, scope="layer"))
-    for row in layer_sparsity(student):
-        assert abs(row["sparsity"] - 0.6) <= 0.5 / row["params"] + 1e-9, row
-
-
-def test_masks_survive_fine_tuning_and_are_baked_in(tmp_path):
-    torch.manual_seed(0)
-    model = models.create_model("lenet5")
-    prune_weights_(model, PruneConfig("weight", 0.5))
-    zero = {n: m.weight_mask == 0 for n, m in model.named_modules() if hasattr(m, "weight_mask")}
-    before = {n: m.weight_orig.detach().clone() for n, m in model.named_modules() if n in zero}
-    loader = make_loader("digits", "train", 16, limit=48)
-    fit(model, ce_step, loader, loader, get_recipe("paper", lr=0.05), 1, tmp_path / "ft.pt", spec_of("lenet5"))
-    modules = dict(model.named_modules())
-    assert all(torch.equal(modules[n].weight[z], torch.zeros(int(z.sum()))) for n, z in zero.items())
-    assert all(not torch.equal(modules[n].weight_orig[~z], before[n][~z]) for n, z in zero.items())  # trained
-    remove_masks_(model)
-    assert not any(torch_prune.is_pruned(m) for m in model.modules())
-    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
-    assert abs(global_sparsity(model) - 0.5) < 0.005
-
-
-def test_iterative_steps_follow_the_geometric_schedule(student):
-    each = step_amount(0.75, 2)
-    assert each == pytest.approx(0.5)
-    for _ in range(2):
-        prune_weights_(student, PruneConfig("weight", each))
-    assert abs(global_sparsity(student) - 0.75) < 0.005
-    remove_masks_(student)
-    prune_weights_(student, PruneConfig("weight", 0.5))  # a weight-pruned model prunes further: 0.75 -> 0.875
-    assert abs(global_sparsity(student) - 0.875) < 0.005
-
-
-def test_rewinding_restores_surviving_weights(student):
-    original = copy.deepcopy(student.state_dict())
-    with torch.no_grad():  # stands in for fine-tuning between steps
-        for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-        student.projector[1].running_mean.add_(1.0)
-    prune_weights_(student, PruneConfig("weight", 0.5))
-    rewind_weights_(student, original)
-    for name, m in student.named_modules():
-        if hasattr(m, "weight_mask"):
-            keep = m.weight_mask.bool()
-            assert torch.equal(m.weight[keep], original[f"{name}.weight"][keep])
-            assert not m.weight[~keep].any()
-    assert torch.equal(student.projector[1].running_mean, original["projector.1.running_mean"])
-
-
-def test_channel_rewinding_replays_the_same_channels():
-    torch.manual_seed(0)
-    original = models.create_model("resnet18").eval()
-    model = copy.deepcopy(original)
-    with torch.no_grad():  # scaled weights rank channels the same way
-        for m in prunable_layers(model):
-            m.weight.mul_(2)
-    x = torch.randn(1, *SIZE)
-    history = prune_channels(model, PruneConfig("channel", 0.5), x)
-    replay_channels_(original, history, x)
-    assert structure_of(original) == structure_of(model)
-    for a, b in zip(prunable_layers(original), prunable_layers(model), strict=True):
-        assert torch.equal(a.weight * 2, b.weight)
 
 
 # ------------------------------------------------------------------------------------ prune_checkpoint

@@ -92,7 +92,7 @@ def test_report_from_csv_and_cli(store, tmp_path):
     res = build_report(csv, tmp_path / "csvrep")
     check_figures(res, tmp_path / "csvrep", {"fig1_accuracy_vs_params.png", "fig3_efficiency.png",
                                              "fig6_ttest.png"})
-    from cli import app
+    from kdexport.cli import app
 
     cli = CliRunner().invoke(app, ["report", str(store), "--out", str(tmp_path / "clirep"), "--json"])
     assert cli.exit_code == 0, cli.output

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import models
+from kdexport import models
 from kdexport.errors import ConfigError
 from kdexport.sweep import (
     ResultsStore,
@@ -192,7 +192,7 @@ def test_ray_missing_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'kdexport\[distributed\]'"):
         run_sweep(config(tmp_path), "ray", runner=FakeRunner())
-    from cli import app
+    from kdexport.cli import app
 
     res = CliRunner().invoke(app, ["sweep", "--pairs", "resnet18:lenet5", "--out", str(tmp_path / "s"),
                                    "--levels", "0", "--executor", "ray"])
@@ -231,7 +231,7 @@ def test_stats_rows_from_store_and_cli(tmp_path):
     rows = stats_rows(cfg.out / "results.sqlite")
     assert len(rows) == 32 and set(rows[0]) == {"pair", "method", "accuracy", "params", "repeat", "level"}
     assert {r["params"] for r in stats_rows(cfg.out / "results.sqlite", "deployed")} >= {1_500_000}
-    from cli import app
+    from kdexport.cli import app
 
     res = CliRunner().invoke(app, ["stats", str(cfg.out / "results.sqlite"), "--json"])
     assert res.exit_code == 0, res.output
@@ -251,7 +251,7 @@ def test_stats_rows_from_store_and_cli(tmp_path):
 # ------------------------------------------------------------------------------------ the real pipeline
 def test_real_sweep_cli_local_then_resume(tmp_path):
     """The real pipeline on the tiniest config, through the CLI; a rerun with more levels resumes."""
-    from cli import app
+    from kdexport.cli import app
 
     out = tmp_path / "study"
     args = ["sweep", "--pairs", "lenet5:lenet300_100", "--out", str(out), "--methods", "weight,channel",
@@ -294,7 +294,7 @@ def test_real_sweep_cli_ctrl_c_then_resume(tmp_path):
             "--repeats", "1", "--teacher-epochs", "1", "--distill-epochs", "1", "--finetune-epochs", "1",
             "--device", "cpu", "--json"]
     # a parent started in the background (CI, `cmd &`) ignores SIGINT and children inherit that: restore it
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "kdexport.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     store = out / "results.sqlite"
@@ -308,7 +308,7 @@ def test_real_sweep_cli_ctrl_c_then_resume(tmp_path):
     assert "rerun the same command to resume" in stderr.decode()
     before = len(db_keys(store))
     assert 3 <= before < 10
-    from cli import app
+    from kdexport.cli import app
 
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from kdexport import models
 from kdexport.checkpoint import load_checkpoint, load_model, model_spec
 from kdexport.data import dataset_info, make_loader
 from kdexport.errors import CheckpointError, ConfigError, TrainingError

@@ -13,7 +13,7 @@ import torch
 
 def _triton_mode() -> str | None:
     try:
-        from kernels.sparse_matmul import triton_mode
+        from kdexport.kernels.sparse_matmul import triton_mode
 
         return triton_mode()
     except ImportError:
@@ -46,13 +46,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def launches(monkeypatch):
     """Records every Triton launch as (M, N, K, encoding, device type, split_k override)."""
-    from kernels import sparse_matmul as sm  # the module: kernels/__init__ does not re-export the function
+    from kdexport.kernels import sparse_matmul as sm  # the module: kernels/__init__ does not re-export the function
 
     records = []
     launch = sm._launch_triton
 
     def counting(x, weight, bias, relu, split_k=None, conv=None):
-        records.append((sm._rows(x, conv), *weight.shape, weight.encoding, x.device.type, split_k))
+        records.append((sm.rows(x, conv), *weight.shape, weight.encoding, x.device.type, split_k))
         return launch(x, weight, bias, relu, split_k, conv)
 
     monkeypatch.setattr(sm, "_launch_triton", counting)

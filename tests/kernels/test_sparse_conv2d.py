@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from kernels.sparse_conv2d import conv_weight_matrix, sparse_conv2d, sparse_conv2d_ref
-from kernels.sparse_format import TiledSparseWeight
-from kernels.sparse_matmul import ConvGeometry
+from kdexport.kernels.sparse_conv2d import conv_weight_matrix, sparse_conv2d, sparse_conv2d_ref
+from kdexport.kernels.sparse_format import TiledSparseWeight
+from kdexport.kernels.sparse_matmul import ConvGeometry
 
 pytest.importorskip("triton", reason="the kernel tests run Triton's interpreter: install triton")
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.sparse_format import TILE_K, TiledSparseWeight, choose_encoding
+from kdexport.kernels.sparse_format import TILE_K, TiledSparseWeight, choose_encoding
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.99, 1.0)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import sparse_matmul as sm
-from kernels.sparse_format import TiledSparseWeight
-from kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref
+from kdexport.kernels import sparse_matmul as sm
+from kdexport.kernels.sparse_format import TiledSparseWeight
+from kdexport.kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref
 
 pytest.importorskip("triton", reason="the kernel tests run Triton's interpreter: install triton")
 
@@ -154,7 +154,7 @@ def _python(code: str, **env: str) -> str:
 
 
 def test_importing_kernels_needs_neither_triton_nor_cuda():
-    _python("import sys, torch, kernels, kernels.sparse_matmul; "
+    _python("import sys, torch, kdexport.kernels, kdexport.kernels.sparse_matmul; "
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
 
@@ -163,8 +163,8 @@ def test_a_compiling_process_never_interprets():
     """Triton imported without TRITON_INTERPRET=1: CPU tensors take the reference, backend='triton' says why not."""
     out = _python("""
 import os, torch
-from kernels.sparse_format import TiledSparseWeight
-from kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref, triton_mode
+from kdexport.kernels.sparse_format import TiledSparseWeight
+from kdexport.kernels.sparse_matmul import sparse_matmul, sparse_matmul_ref, triton_mode
 print(triton_mode())
 w = TiledSparseWeight.from_dense(torch.randn(20, 30), 16, "bitmap")
 x = torch.randn(3, 30)

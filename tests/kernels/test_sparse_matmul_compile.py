@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import sparse_matmul as sm
+from kdexport.kernels import sparse_matmul as sm
 
 pytest.importorskip("triton", reason="compiling the kernel needs triton")
 

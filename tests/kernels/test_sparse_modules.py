@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.testing import assert_close
 
-from kernels import SparseConv2d, SparseLinear, SparsifyConfig, modules, sparsify_, sparsify_report
-from kernels.errors import KernelConfigError
+from kdexport.kernels import SparseConv2d, SparseLinear, SparsifyConfig, modules, sparsify_, sparsify_report
+from kdexport.kernels.errors import KernelConfigError
 
 pytest.importorskip("triton", reason="the module tests run the kernels in Triton's interpreter: install triton")
 

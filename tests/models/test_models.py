@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-import models
-from models.errors import ModelError, PretrainedWeightsError
-from models.registry import load_pretrained_, register_model
+from kdexport import models
+from kdexport.models.errors import ModelError, PretrainedWeightsError
+from kdexport.models.registry import load_pretrained_, register_model
 
 ALL = models.list_models()
 RELU_FINAL = [m for m in ALL if not m.startswith("efficientnet")]  # EfficientNet's last activation is SiLU

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-import models
-from models.errors import ModelError
-from models.pairs import PAIRS, PAPER_PAIRS, Pair, resolve_pair
+from kdexport import models
+from kdexport.models.errors import ModelError
+from kdexport.models.pairs import PAIRS, PAPER_PAIRS, Pair, resolve_pair
 
 EXPECTED = {
     "res101-res50": ("resnet101", "resnet50"),
