@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402
+from kdexport import models  # noqa: E402
 from kdexport.metrics import count_macs  # noqa: E402
 from kdexport.profile import environment  # noqa: E402
 from kdexport.prune import PruneConfig, prune_channels_  # noqa: E402

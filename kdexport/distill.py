@@ -1,10 +1,10 @@
 """SimKD (Chen et al., CVPR 2022) and vanilla KD (Hinton et al. 2015).
 
 SimKD trains a projector that maps the student's last feature map onto the teacher's, with an MSE loss, and
-reuses the teacher's frozen classifier. The deployed `DistilledStudent` is student backbone -> projector ->
-teacher classifier: unlike the official code, it never runs the teacher backbone at inference. To make that
-possible the maps are aligned *after* the projector (adaptive average pooling to the smaller map), so the
-deployed forward pass is exactly the one that was trained.
+reuses the teacher's frozen classifier. The deployed `DistilledStudent` (a zoo model, kdexport.models.distilled)
+is student backbone -> projector -> teacher classifier: unlike the official code, it never runs the teacher
+backbone at inference. To make that possible the maps are aligned *after* the projector (adaptive average
+pooling to the smaller map), so the deployed forward pass is exactly the one that was trained.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Triton kernels that make weight-pruned (unstructured) students faster on NVIDIA GPUs.
 
-`import kernels` needs neither triton nor CUDA: the kernels are compiled (or interpreted) on first use.
-The functional ops live in `kernels.sparse_matmul` and `kernels.sparse_conv2d` (the same kernel as an
+`import kdexport.kernels` needs neither triton nor CUDA: the kernels are compiled (or interpreted) on first use.
+The functional ops live in `kdexport.kernels.sparse_matmul` and `.sparse_conv2d` (the same kernel as an
 implicit-GEMM convolution); they are not re-exported here, where their names would hide the modules.
 """
 

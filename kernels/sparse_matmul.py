@@ -18,7 +18,7 @@ whose tl.dot the interpreter gets wrong). A process does one or the other, never
 at the moment triton is first imported turns Triton's own library (tl.cdiv, tl.sum, ...) into interpreted
 functions, and no kernel that calls them compiles in that process any more. ``triton_mode()`` tells which
 way this process went; asking for the other one raises a RuntimeError that says what to set.
-Triton is imported on first use only, so ``import kernels`` needs neither triton nor a GPU and never
+Triton is imported on first use only, so ``import kdexport.kernels`` needs neither triton nor a GPU and never
 initialises CUDA. Inference only: the op has no autograd formula.
 """
 

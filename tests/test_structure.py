@@ -4,6 +4,7 @@ are leaves, function-local imports only keep a heavy optional dependency lazy, f
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def project_edges(name: str) -> set[str]:
 def test_the_sources_are_found():
     assert {"kdexport.checkpoint", "kdexport.vocab", "kdexport.models.distilled", "kdexport.kernels.modules",
             "kdexport.cli.app"} <= set(SOURCES)
+    assert {"kdexport.structure", "kdexport.models"} <= project_edges("kdexport.checkpoint")  # the walk resolves
 
 
 def test_no_import_circle():
@@ -95,7 +97,25 @@ def test_only_the_installed_name_is_imported():
     """Nothing imports the folders by their repository names (that would load a second copy of each module)."""
     bad = [f"{name}:{node.lineno} imports {m}" for name in SOURCES for node, mods, _ in imports(name)
            for m in mods if m.split(".")[0] in {"models", "kernels", "cli"}]
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.name}:{node.lineno} imports {m}" for m in names
+                    if m and m.split(".")[0] in {"models", "kernels", "cli"}]
     assert not bad, bad
+
+
+def test_the_package_is_one_copy():
+    """In this process too, the folders load under kdexport.* only, from the repository's files."""
+    import kdexport.cli
+    import kdexport.kernels
+    import kdexport.models
+
+    assert not {"models", "kernels", "cli"} & set(sys.modules)
+    for module, folder in ((kdexport.models, "models"), (kdexport.kernels, "kernels"), (kdexport.cli, "cli")):
+        assert Path(module.__file__).parent.name == folder
+    assert kdexport.models.DistilledStudent is sys.modules["kdexport.models.distilled"].DistilledStudent
 
 
 def test_function_local_imports_only_keep_heavy_optional_dependencies_lazy():

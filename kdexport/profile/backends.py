@@ -35,7 +35,7 @@ ORT_PROVIDERS = {Backend.ORT_CPU: "CPUExecutionProvider", Backend.ORT_CUDA: "CUD
                  Backend.ORT_TRT: "TensorrtExecutionProvider"}
 NEEDS = {  # backend -> (what it needs, how to get it)
     Backend.TORCH_SPARSE: ("a CUDA GPU, triton and kdexport's sparse kernels (kdexport.kernels)",
-                           "pip install triton"),
+                           "pip install 'kdexport[sparse]'"),
     Backend.ORT_CPU: ("onnxruntime", "pip install onnxruntime"),
     Backend.ORT_CUDA: ("onnxruntime-gpu and a CUDA GPU",
                        "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"),

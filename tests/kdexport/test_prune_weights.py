@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from test_prune import spec_of  # the same spec helper
 from torch.nn.utils import prune as torch_prune
 
 from kdexport import models
-from kdexport.checkpoint import model_spec
 from kdexport.data import dataset_info, make_loader
 from kdexport.distill import DistilledStudent
 from kdexport.metrics import global_sparsity, layer_sparsity
@@ -28,11 +28,6 @@ from kdexport.train import ce_step, fit, get_recipe
 
 SIZE = (3, 32, 32)
 DIGITS = dataset_info("digits")
-
-
-def spec_of(name: str, **fields) -> dict:
-    return model_spec("model", num_classes=10, stem=models.DEFAULT_STEM, input_size=SIZE, dataset="digits",
-                      mean=DIGITS.mean, std=DIGITS.std, model=name, **fields)
 
 
 # -------------------------------------------------------------------------------------------- weights
