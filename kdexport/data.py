@@ -21,7 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from .errors import ConfigError, DataError
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# Validation is carved out of the training part; 15% of digits' 1,437 training images is 216, the test split's 360
+# images stay exactly as they were.
+DEFAULT_VAL_FRACTION = 0.15
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -93,10 +96,9 @@ def _to_tensor_dataset(images: np.ndarray, labels, info: DatasetInfo) -> TensorD
 
 
 def _digits(split: str) -> TensorDataset:
-    """scikit-learn's bundled 1,797 digits (8x8, 0..16), upsampled to 32x32; fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits  # lazy: scikit-learn is heavy and only the digits dataset needs it
-
+    """scikit-learn's bundled 1,797 digits (8x8, 0..16), upsampled to 32x32; fixed stratified 80/20 train/test."""
     # lazy: scikit-learn is heavy and only the digits dataset needs it
+    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
@@ -219,41 +221,86 @@ def _require_root(name: str, root: str | Path | None) -> Path:
     return root
 
 
+def check_val_fraction(fraction: float) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        raise ConfigError(f"--val-fraction must be a fraction in (0, 1), got {fraction!r}")
+    return float(fraction)
+
+
+def _labels(ds: Dataset) -> np.ndarray:
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].numpy()
+    return np.asarray([ds[i][1] for i in range(len(ds))])
+
+
+def split_train_val(ds: Dataset, fraction: float, name: str) -> tuple[Subset, Subset]:
+    """A fixed (seed 0), class-stratified (train, val) split of a training part: the same on every run."""
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn is heavy (1-2 s at start-up)
+
+    labels = _labels(ds)
+    classes, counts = np.unique(labels, return_counts=True)
+    n_val = int(np.ceil(fraction * len(labels)))
+    if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
+        raise DataError(f"{name}: {len(labels)} training images in {len(classes)} classes are too few to split "
+                        f"{fraction:g} off for validation (every class needs an image on each side); add images, "
+                        "change --val-fraction, or give the data a val/ folder")
+    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=0)
+    return Subset(ds, np.sort(idx_train).tolist()), Subset(ds, np.sort(idx_val).tolist())
+
+
+def _load(name: str, part: str, root: str | Path | None, download: bool) -> Dataset:
+    """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val")."""
+    if name == "digits":
+        return _digits(part)
+    if name in ("cifar10", "cifar100"):
+        if download and root is not None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        return _cifar(name, _require_root(name, root), part, download)
+    if name == "mnist":
+        return _mnist(_require_root(name, root), part)
+    return _imagefolder(_require_root(name, root), part)
+
+
 def get_dataset(name: str, split: str = "train", root: str | Path | None = None, augment: bool = False,
-                download: bool = False) -> Dataset:
-    """A dataset of (normalised 3xHxW tensor, label); `split` is "train" or "test"."""
+                download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION) -> Dataset:
+    """A dataset of (normalised 3xHxW tensor, label) for one of the three splits.
+
+    "test" is the dataset's own test part. "train" and "val" split its training part (`val_fraction` to val,
+    stratified, fixed), except for an image folder that has a val/ folder: then val/ is val and train/ is train.
+    """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     info = dataset_info(name, root)
-    if name == "digits":
-        ds: Dataset = _digits(split)
-    elif name in ("cifar10", "cifar100"):
-        if download and root is not None:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        ds = _cifar(name, _require_root(name, root), split, download)
-    elif name == "mnist":
-        ds = _mnist(_require_root(name, root), split)
+    val_fraction = check_val_fraction(val_fraction)
+    if split == "test":
+        ds: Dataset = _load(name, "test", root, download)
+    elif name == "imagefolder" and (_require_root(name, root) / "val").is_dir():
+        ds = _load(name, split, root, download)
     else:
-        ds = _imagefolder(_require_root(name, root), split)
+        ds = dict(zip(("train", "val"), split_train_val(_load(name, "train", root, download), val_fraction,
+                                                        name)))[split]
     return Augmented(ds, info.flip) if augment else ds
 
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
-                limit: int | None = None, download: bool = False) -> DataLoader:
+                limit: int | None = None, download: bool = False,
+                val_fraction: float = DEFAULT_VAL_FRACTION) -> DataLoader:
     """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
 
     Shuffling and augmentation draw from torch's global RNG: seed it (train.seed_everything) for a repeatable run.
     """
     train = split == "train"
-    ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download)
+    ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download,
+                     val_fraction=val_fraction)
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False)
 
 
-def sample_batch(name: str, n: int, root: str | Path | None = None, split: str = "test") -> torch.Tensor:
+def sample_batch(name: str, n: int, root: str | Path | None = None, split: str = "test",
+                 val_fraction: float = DEFAULT_VAL_FRACTION) -> torch.Tensor:
     """The first `n` real images of a split, for parity checks and calibration."""
-    ds = get_dataset(name, split, root)
+    ds = get_dataset(name, split, root, val_fraction=val_fraction)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from . import models
 from .checkpoint import load_model
-from .data import make_loader
+from .data import DEFAULT_VAL_FRACTION
 from .errors import CheckpointError, ConfigError
 from .models import DistilledStudent, build_projector
-from .train import fit, pick_device, seed_everything
+from .train import fit, pick_device, seed_everything, split_loaders
 from .vocab import DISTILL_METHODS
 
 
@@ -132,7 +132,7 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
 
 
 def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig) -> dict[str, Any]:
-    """What identifies a distillation run (see train.train_run)."""
+    """What identifies a distillation run (see train.train_run); the data split is the teacher's."""
     return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
             "distill": distill_settings(config)}
 
@@ -145,6 +145,7 @@ def distill_settings(config: DistillConfig) -> dict[str, Any]:
 def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: DistillConfig) -> dict[str, Any]:
     """The checkpoint spec of a student distilled from a teacher checkpoint."""
     keep = {k: teacher_spec[k] for k in ("num_classes", "stem", "input_size", "dataset", "mean", "std")}
+    keep["val_fraction"] = teacher_spec.get("val_fraction", DEFAULT_VAL_FRACTION)
     common = {"pair": pair.name, "teacher": pair.teacher, "student": pair.student,
               "distill": distill_settings(config)}
     if config.method == "simkd":
@@ -185,8 +186,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
     seed_everything(seed)
     student = new_student(spec, teacher)
-    dataset = tspec["dataset"]
-    train = make_loader(dataset, "train", recipe.batch_size, data_dir)
+    train, val, test = split_loaders(tspec["dataset"], recipe.batch_size, data_dir, spec["val_fraction"])
     if config.method == "simkd":
         with torch.no_grad():
             calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])
@@ -194,6 +194,5 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     dev = pick_device(device)
     teacher.to(dev)
     step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight)
-    test = make_loader(dataset, "test", 256, data_dir)
-    return fit(student, step, train, test, recipe, epochs, Path(out), spec, device=dev, seed=seed, resume=resume,
+    return fit(student, step, train, val, test, recipe, epochs, Path(out), spec, device=dev, seed=seed, resume=resume,
                label=f"distill {pair.student}")

@@ -6,7 +6,9 @@ A run writes `<out>` (the checkpoint), `<out stem>.log.jsonl` (one line per epoc
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from . import models
 from .checkpoint import load_checkpoint, load_model, model_spec, save_checkpoint
-from .data import dataset_info, make_loader
+from .data import DEFAULT_VAL_FRACTION, dataset_info, make_loader
 from .errors import CheckpointError, ConfigError, TrainingError
 from .metrics import param_counts
 from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
@@ -47,31 +49,75 @@ def pick_device(device: str | None = None) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent (top-k with k capped at the class count)."""
+    """Top-1 and top-5 accuracy in percent (top-k with k capped at the class count) and the mean cross-entropy."""
     model.eval()
     correct1 = correct5 = total = 0
+    nll = 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (topk[:, 0] == y).sum().item()
         correct5 += (topk == y[:, None]).any(dim=1).sum().item()
+        nll += F.cross_entropy(logits.float(), y, reduction="sum").item()
         total += len(y)
-    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+    n = max(total, 1)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "nll": nll / n}
+
+
+def final_metrics(model: nn.Module, val_loader: Iterable, test_loader: Iterable,
+                  device: torch.device | str = "cpu", val: dict[str, float] | None = None) -> dict[str, float]:
+    """A finished model's numbers: validation (what every choice uses) and test (measured once, only reported).
+
+    `top1`/`top5` are the test figures, the ones a report quotes; `val_top1`/`val_top5` drive selection.
+    """
+    val = val or evaluate(model, val_loader, device)
+    test = evaluate(model, test_loader, device)
+    return {"top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"], "val_top5": val["top5"]}
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                    batches: int = 20) -> None:
+    """Re-estimate every BatchNorm's running statistics from `batches` training batches (no weight changes).
+
+    Pruning changes what reaches each BN, so the statistics it carries describe a network that no longer
+    exists; a pruned model is often at chance until they are re-estimated (Li et al., "EagleEye", 2020).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for x, _ in itertools.islice(loader, batches):
+        model(x.to(device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def lr_factor(recipe: Recipe, step: int, total: int) -> float:
+    """The learning-rate multiplier at `step` of `total`: linear warm-up, then the recipe's schedule."""
+    warm = int(recipe.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    if recipe.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if recipe.schedule == "step":
+        return recipe.gamma ** sum(t >= m for m in recipe.milestones)
+    return 1.0
 
 
 def make_optimizer(params, recipe: Recipe, epochs: int, steps_per_epoch: int):
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
                           recipe.momentum > 0, weight_decay=recipe.weight_decay)
     total = max(1, epochs * steps_per_epoch)
-    if recipe.schedule == "step":
-        milestones = sorted({max(1, round(m * total)) for m in recipe.milestones})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, recipe.gamma)
-    elif recipe.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return opt, sched
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(recipe, i, total))
 
 
 def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +134,7 @@ def fit(
     model: nn.Module,
     step: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     train_loader: DataLoader,
+    val_loader: DataLoader,
     test_loader: DataLoader,
     recipe: Recipe,
     epochs: int,
@@ -101,7 +148,12 @@ def fit(
     label: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, float]:
-    """Train `model` with `step(model, x, y) -> (loss, logits)`, evaluate, and save `out` with metrics in its spec."""
+    """Train `model` with `step(model, x, y) -> (loss, logits)` and save `out` with metrics in its spec.
+
+    After every epoch the model is measured on the validation split; the epoch with the best validation top-1
+    (ties: the lower validation loss, then the later epoch) is the one saved. The test split is measured once, on
+    that model, and only reported: it feeds no choice.
+    """
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
     device = torch.device(device)
@@ -117,6 +169,7 @@ def fit(
     opt, sched = make_optimizer(params, recipe, epochs, len(train_loader))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     start = 0
+    best: dict[str, Any] | None = None  # {"key", "epoch", "state", "val"} of the best epoch so far
     if resume and state_path.is_file():
         saved_state, saved_spec, st = load_checkpoint(state_path, with_extra=True)
         if saved_spec.get("run") != spec.get("run"):
@@ -128,6 +181,9 @@ def fit(
         if cuda and "cuda_rng" in st:
             torch.cuda.set_rng_state(st["cuda_rng"], device)
         start = int(st["epoch"])
+        if "best_state" in st:
+            best = {"key": tuple(st["best_key"]), "epoch": int(st["best_epoch"]), "state": st["best_state"],
+                    "val": dict(st["best_val"])}
         stderr.print(f"[{label}] resuming {out.name} at epoch {start + 1}/{epochs}")
     else:  # a fresh start (also --resume with no state left): the log starts over, no duplicate epochs
         log_path.unlink(missing_ok=True)
@@ -163,49 +219,68 @@ def fit(
                 ips = seen / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
                                 f"acc {100 * correct / seen:.1f}% {ips:.0f} img/s")
+            val = evaluate(model, val_loader, device)
             metrics = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                        "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-                       "lr": opt.param_groups[0]["lr"], **evaluate(model, test_loader, device)}
+                       "lr": opt.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val.items()}}
+            key = (val["top1"], -val["nll"])
+            if best is None or key >= best["key"]:
+                best = {"key": key, "epoch": epoch + 1, "val": val,
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
             with log_path.open("a") as fh:
                 fh.write(json.dumps({"stage": label, **metrics}) + "\n")
             rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})}
             save_checkpoint(state_path, model.state_dict(), spec,
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng,
-                                   "epoch": epoch + 1})
+                                   "epoch": epoch + 1, "best_key": list(best["key"]), "best_epoch": best["epoch"],
+                                   "best_state": best["state"], "best_val": best["val"]})
             if not stderr.is_terminal:
                 stderr.print(f"[{label}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
-                             f"top1 {metrics['top1']:.2f}% ({metrics['images_per_s']:.0f} img/s)")
-    if not metrics:
-        metrics = evaluate(model, test_loader, device)
+                             f"val top1 {val['top1']:.2f}% ({metrics['images_per_s']:.0f} img/s)")
+    if best is not None:
+        model.load_state_dict(best["state"])
+    final = final_metrics(model, val_loader, test_loader, device, best["val"] if best else None)
+    if best is not None:
+        final["best_epoch"] = best["epoch"]
     model.to("cpu", memory_format=torch.contiguous_format)
-    final = {k: metrics[k] for k in ("top1", "top5")}
     save_checkpoint(out, model.state_dict(), {**spec, "metrics": {**spec.get("metrics", {}), **final}})
     state_path.unlink(missing_ok=True)
     return final
 
 
-def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe) -> dict[str, Any]:
+def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe,
+              val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, Any]:
     """What identifies a training run: a finished checkpoint is reused only for the same identity."""
-    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict()}
+    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+            "val_fraction": val_fraction}
+
+
+def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,
+                  download: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """(train shuffled and augmented, val, test) loaders of one dataset."""
+
+    train = make_loader(dataset, "train", batch_size, data_dir, download=download, val_fraction=val_fraction)
+    val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction)
+    return train, val, make_loader(dataset, "test", 256, data_dir)
 
 
 def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, recipe: Recipe, seed: int = 0,
                      stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
-                     device: str | None = None, resume: bool = False, download: bool = False) -> dict[str, float]:
+                     device: str | None = None, resume: bool = False, download: bool = False,
+                     val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, float]:
     """Train a classifier (a teacher, or a student without distillation) with cross-entropy."""
     info = dataset_info(dataset, data_dir)
     stem = stem or models.DEFAULT_STEM
     seed_everything(seed)  # --seed also fixes the initial weights
     model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
                                 input_size=info.input_size)
-    run = train_run(model_name, seed, epochs, recipe)
+    run = train_run(model_name, seed, epochs, recipe, val_fraction)
     spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
                       dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
-                      seed=seed, run=run)
-    train = make_loader(dataset, "train", recipe.batch_size, data_dir, download=download)
-    test = make_loader(dataset, "test", 256, data_dir)
-    return fit(model, ce_step, train, test, recipe, epochs, Path(out), spec, device=pick_device(device), seed=seed,
-               resume=resume, label=f"train {model_name}")
+                      seed=seed, run=run, val_fraction=val_fraction)
+    train, val, test = split_loaders(dataset, recipe.batch_size, data_dir, val_fraction, download=download)
+    return fit(model, ce_step, train, val, test, recipe, epochs, Path(out), spec, device=pick_device(device),
+               seed=seed, resume=resume, label=f"train {model_name}")
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
@@ -214,8 +289,12 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
     model, spec = load_model(path)
     dataset = dataset or spec["dataset"]
     dev = pick_device(device)
-    acc = evaluate(model.to(dev), make_loader(dataset, "test", 256, data_dir), dev)
+    val_fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
+    test = make_loader(dataset, "test", 256, data_dir)
+    val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction) if dataset == spec["dataset"] else None
+    acc = evaluate(model.to(dev), test, dev)
+    vals = {f"val_{k}": v for k, v in evaluate(model, val, dev).items() if k != "nll"} if val else {}
     counts = param_counts(model)
     return {"model": spec.get("pair") or spec.get("model"), "kind": spec["kind"], "dataset": dataset,
-            "top1": acc["top1"], "top5": acc["top5"], "student_params": counts.student_nonzero,
+            "top1": acc["top1"], "top5": acc["top5"], **vals, "student_params": counts.student_nonzero,
             "deployed_params": counts.deployed_nonzero, "total_params": counts.total}

@@ -7,6 +7,7 @@ this file. It sits on the ground floor: it imports only the zoo (`models`) and `
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -149,12 +150,17 @@ def level_file(method: str, level: float, seed: int | None = None, base_seed: in
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Optimisation hyper-parameters. Milestones are fractions of the run, so a recipe scales to any epoch count."""
+    """Optimisation hyper-parameters. Warm-up and milestones are fractions of the run, so a recipe scales to any
+    epoch count."""
 
     name: str
     lr: float
+    optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -162,6 +168,7 @@ class Recipe:
     schedule: str = "step"  # step | cosine | constant
     milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # SimKD's 150/180/210 of 240 epochs
     gamma: float = 0.1
+    warmup: float = 0.0  # linear warm-up over this fraction of the run, before the schedule
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in vanilla KD
 
@@ -170,6 +177,8 @@ class Recipe:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.schedule not in ("step", "cosine", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose step, cosine or constant")
         if not self.temperature > 0:
@@ -178,9 +187,12 @@ class Recipe:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ConfigError("momentum must be in [0, 1) and weight decay >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warm-up must be a fraction of the run in [0, 1), got {self.warmup}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As JSON stores it (tuples as lists), so a run identity compares equal after a round trip."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 RECIPES = {
@@ -188,6 +200,12 @@ RECIPES = {
     "paper": Recipe("paper", lr=0.001, nesterov=True, schedule="constant"),
     # the official SimKD code: lr 0.05, step decay x0.1 at 62.5/75/87.5% of the run
     "simkd": Recipe("simkd", lr=0.05),
+    # short runs (kdexport's default for students): Nesterov SGD, linear warm-up over the first 10% of the
+    # steps, then cosine to zero; measured against the others in benchmarks/RESULTS.md
+    "cosine": Recipe("cosine", lr=0.05, nesterov=True, schedule="cosine", warmup=0.1),
+    # short runs of large teachers: AdamW with the same warm-up and cosine; SGD at lr 0.05 left DenseNet-169
+    # unstable on the digits (loss spikes, 95-99% from seed to seed)
+    "adamw": Recipe("adamw", lr=0.002, optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup=0.1),
 }
 RECIPE_NAMES = tuple(RECIPES)
 # Fine-tuning after pruning: the paper's recipe with lr 0.01 instead of its 0.001, because we fine-tune for a

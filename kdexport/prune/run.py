@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, model_from, save_checkpoint
-from ..data import make_loader
+from ..data import DEFAULT_VAL_FRACTION
 from ..distill import distillation_step
 from ..errors import CheckpointError, ConfigError
 from ..metrics import (
@@ -37,7 +37,7 @@ from ..metrics import (
 )
 from ..models import is_distilled
 from ..structure import structure_of
-from ..train import ce_step, evaluate, fit, pick_device, seed_everything
+from ..train import ce_step, final_metrics, fit, pick_device, recalibrate_bn_, seed_everything, split_loaders
 from ..vocab import FINETUNE_SCOPES, finetune_recipe
 from .channel import prune_channels, replay_channels_
 from .config import PruneConfig
@@ -136,8 +136,12 @@ def _prune_step_(model: nn.Module, config: PruneConfig, example: torch.Tensor, h
 
 def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str | Path, *, finetune_epochs: int = 0,
                      finetune_scope: str = "all", teacher_ckpt: str | Path | None = None, recipe=None,
-                     seed: int = 0, data_dir: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+                     seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
+                     recalibrate_bn: bool = True) -> dict[str, Any]:
     """Prune a checkpoint in `config.steps` steps (fine-tuning `finetune_epochs` after each), save `out_path`.
+
+    After each step, BatchNorm statistics are re-estimated on training batches (`recalibrate_bn`), before any
+    fine-tuning: without it a channel-pruned student starts fine-tuning at chance.
 
     The saved spec gains "prune" (the config, fine-tuning settings, objective, source and any earlier
     "prune" as "previous") and, for channel pruning, "structure". Returns the saved model's metrics:
@@ -160,11 +164,12 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     step, objective, teacher = None, None, None
     if finetune_epochs:
         step, objective, teacher = _objective(model, spec, ckpt_path, teacher_ckpt, dev)
-    test = make_loader(spec["dataset"], "test", 256, data_dir)
-    train = make_loader(spec["dataset"], "train", recipe.batch_size, data_dir) if finetune_epochs else None
+    train, val, test = split_loaders(spec["dataset"], recipe.batch_size, data_dir,
+                                     spec.get("val_fraction", DEFAULT_VAL_FRACTION))
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
               "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,
+              "bn_recalibration": recalibrate_bn,
               "teacher": str(teacher) if teacher else None, "source": str(ckpt_path), "seed": seed,
               "previous": spec.get("prune")}
     new_spec = {**spec, "prune": record, "run": {"stage": "prune", **record}}
@@ -179,8 +184,10 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     try:
         for i in range(config.steps):
             _prune_step_(model, each, example, history, original)
+            if recalibrate_bn:
+                recalibrate_bn_(model.to(dev), train, dev)
             if finetune_epochs:
-                acc = _finetune(model, step, (train, test), recipe, finetune_epochs, finetune_scope, tmp, new_spec,
+                acc = _finetune(model, step, (train, val, test), recipe, finetune_epochs, finetune_scope, tmp, new_spec,
                                 seed + i, dev, f"finetune {config.method}-{config.amount:.2f} {i + 1}/{config.steps}")
                 log += [json.dumps({**json.loads(line), "prune_step": i + 1})
                         for line in tmp_log.read_text().splitlines()]
@@ -189,21 +196,21 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
             path.unlink(missing_ok=True)
     remove_masks_(model)
     if acc is None:
-        acc = evaluate(model.to(dev), test, dev)
+        acc = final_metrics(model.to(dev), val, test, dev)
         model.to("cpu")
     model.eval()
     reference = build_model({**spec, "structure": None})
     counts = param_counts(model)
     macs = count_macs(model, tuple(spec["input_size"]))
     row = {"checkpoint": str(out_path), "method": config.method, "amount": config.amount, "scope": config.scope,
-           "top1": acc["top1"], "top5": acc["top5"], "params_nonzero": counts.student_nonzero,
+           "top1": acc["top1"], "top5": acc["top5"], "val_top1": acc["val_top1"], "params_nonzero": counts.student_nonzero,
            "student_params": counts.student, "deployed_params": counts.deployed_nonzero,
            "sparsity": global_sparsity(model, reference), "macs": macs.dense, "effective_macs": macs.effective,
            "size_bytes": serialized_bytes(model), "sparse_bytes": sparse_encoded_bytes(model)}
     if config.method == "channel" or spec.get("structure"):
         new_spec["structure"] = structure_of(model, reference)
-    new_spec["metrics"] = {**spec.get("metrics", {}), "top1": acc["top1"], "top5": acc["top5"],
-                           "source_top1": spec.get("metrics", {}).get("top1")}
+    new_spec["metrics"] = {**spec.get("metrics", {}), **acc, "source_top1": spec.get("metrics", {}).get("top1"),
+                           "source_val_top1": spec.get("metrics", {}).get("val_top1")}
     if log:
         log_path = out_path.with_name(out_path.stem + ".log.jsonl")
         atomic_write(log_path, lambda t: Path(t).write_text("\n".join(log) + "\n"))

@@ -35,8 +35,9 @@ def spec_for(run: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def loaders():
-    """4 training steps per epoch (batch 8), 64 test images."""
-    return make_loader("digits", "train", 8, limit=32), make_loader("digits", "test", 64, limit=64)
+    """4 training steps per epoch (batch 8), 48 validation and 64 test images."""
+    return (make_loader("digits", "train", 8, limit=32), make_loader("digits", "val", 48, limit=48),
+            make_loader("digits", "test", 64, limit=64))
 
 
 def epochs_logged(log) -> list[int]:
@@ -102,13 +103,13 @@ def test_resume_continues_from_the_state_file(tmp_path, loaders):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     """Shuffling and augmentation continue from the saved RNG state, not from the seed again."""
     train = make_loader("digits", "train", 8, limit=24)  # augmented: random crops
-    test = make_loader("digits", "test", 64, limit=64)
+    val, test = make_loader("digits", "val", 48, limit=48), make_loader("digits", "test", 64, limit=64)
     recipe, spec = get_recipe("simkd"), spec_for({"stage": "train", "epochs": 3})
 
     def run(out, **kw):
         torch.manual_seed(0)
         model = models.create_model("lenet5")
-        fit(model, ce_step, train, test, recipe, 3, out, spec, **kw)
+        fit(model, ce_step, train, val, test, recipe, 3, out, spec, **kw)
         return model
 
     whole = run(tmp_path / "whole.pt")
@@ -130,7 +131,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 def test_zero_epochs_evaluates_and_saves(tmp_path, loaders):
     out = tmp_path / "m.pt"
     metrics = fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("simkd"), 0, out, spec_for({}))
-    assert out.is_file() and set(metrics) == {"top1", "top5"}
+    assert out.is_file() and set(metrics) == {"top1", "top5", "val_top1", "val_top5"}
     with pytest.raises(ConfigError, match="epochs"):
         fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("simkd"), -1, out, spec_for({}))
 
@@ -196,8 +197,10 @@ class FixedLogits(nn.Module):
 def test_evaluate_top1_top5_by_hand():
     x = torch.zeros(4, 1)
     y = torch.tensor([9, 5, 4, 0])
-    assert evaluate(FixedLogits(10), [(x, y)]) == {"top1": 25.0, "top5": 50.0}
-    assert evaluate(FixedLogits(3), [(x[:2], torch.tensor([0, 2]))]) == {"top1": 50.0, "top5": 100.0}
+    nll10 = torch.nn.functional.cross_entropy(torch.arange(10.0).expand(4, -1), y).item()
+    assert evaluate(FixedLogits(10), [(x, y)]) == pytest.approx({"top1": 25.0, "top5": 50.0, "nll": nll10})
+    assert evaluate(FixedLogits(3), [(x[:2], torch.tensor([0, 2]))])["top1"] == 50.0
+    assert evaluate(FixedLogits(3), [(x[:2], torch.tensor([0, 2]))])["top5"] == 100.0
 
 
 def test_evaluate_trained_checkpoint(teacher_ckpt):
