@@ -114,8 +114,11 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
 
 
 def make_optimizer(params, recipe: Recipe, epochs: int, steps_per_epoch: int):
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
-                          recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and
+                              recipe.momentum > 0, weight_decay=recipe.weight_decay)
     total = max(1, epochs * steps_per_epoch)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(recipe, i, total))
 

@@ -16,8 +16,12 @@ from .config import PruneConfig
 
 
 def prunable_layers(model: nn.Module) -> list[nn.Module]:
-    """The conv and linear layers whose weights are pruned, in module order."""
-    return [m for m in model.modules() if isinstance(m, PRUNABLE)]
+    """The trainable conv and linear layers, in module order: those whose weights are pruned.
+
+    A frozen layer (a DistilledStudent's teacher classifier) is left whole: fine-tuning could not recover it,
+    and at 90% global L1 it lost 99.8% of its weights and took the student to 19% top-1.
+    """
+    return [m for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.requires_grad]
 
 
 def has_masks(model: nn.Module) -> bool:
