@@ -234,21 +234,23 @@ def _labels(ds: Dataset) -> np.ndarray:
 
 
 def split_train_val(ds: Dataset, fraction: float, name: str) -> tuple[Subset, Subset]:
-    """A fixed (seed 0), class-stratified (train, val) split of a training part: the same on every run."""
+    """A fixed (seed 0) (train, val) split of a training part: the same on every run, class-stratified where every
+    class has an image for each side (otherwise a plain seeded shuffle)."""
     from sklearn.model_selection import train_test_split  # lazy: scikit-learn is heavy (1-2 s at start-up)
 
     labels = _labels(ds)
-    classes, counts = np.unique(labels, return_counts=True)
     n_val = int(np.ceil(fraction * len(labels)))
-    if counts.min() < 2 or n_val < len(classes) or len(labels) - n_val < len(classes):
-        raise DataError(f"{name}: {len(labels)} training images in {len(classes)} classes are too few to split "
-                        f"{fraction:g} off for validation (every class needs an image on each side); add images, "
-                        "change --val-fraction, or give the data a val/ folder")
-    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=0)
+    if len(labels) - n_val < 1:
+        raise DataError(f"{name}: {len(labels)} training image(s) are too few to split {fraction:g} off for "
+                        "validation; add images, lower --val-fraction, or give the data a val/ folder")
+    classes, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 2 and len(classes) <= min(n_val, len(labels) - n_val) else None
+    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=stratify,
+                                          random_state=0)
     return Subset(ds, np.sort(idx_train).tolist()), Subset(ds, np.sort(idx_val).tolist())
 
 
-def _load(name: str, part: str, root: str | Path | None, download: bool) -> Dataset:
+def load_part(name: str, part: str, root: str | Path | None = None, download: bool = False) -> Dataset:
     """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val")."""
     if name == "digits":
         return _digits(part)
@@ -273,11 +275,11 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
     info = dataset_info(name, root)
     val_fraction = check_val_fraction(val_fraction)
     if split == "test":
-        ds: Dataset = _load(name, "test", root, download)
+        ds: Dataset = load_part(name, "test", root, download)
     elif name == "imagefolder" and (_require_root(name, root) / "val").is_dir():
-        ds = _load(name, split, root, download)
+        ds = load_part(name, split, root, download)
     else:
-        ds = dict(zip(("train", "val"), split_train_val(_load(name, "train", root, download), val_fraction,
+        ds = dict(zip(("train", "val"), split_train_val(load_part(name, "train", root, download), val_fraction,
                                                         name)))[split]
     return Augmented(ds, info.flip) if augment else ds
 

@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kdexport.data import dataset_info, get_dataset, make_loader, read_idx, sample_batch, write_cifar_batch
+from kdexport.data import (
+    Augmented,
+    dataset_info,
+    get_dataset,
+    load_part,
+    make_loader,
+    read_idx,
+    sample_batch,
+    split_train_val,
+    write_cifar_batch,
+)
 from kdexport.errors import ConfigError, DataError
 
 
@@ -24,16 +34,40 @@ def digits():
     return get_dataset("digits", "train"), get_dataset("digits", "test")
 
 
+def test_digits_three_splits_disjoint_and_stratified():
+    """train + val are the old 1,437-image training part (val 15%, stratified); test is untouched."""
+    train, val, test = (get_dataset("digits", s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (1221, 216, 360)
+    assert not set(train.indices) & set(val.indices) and len(set(train.indices) | set(val.indices)) == 1437
+    per_train, per_val = labels_of(train).bincount(minlength=10), labels_of(val).bincount(minlength=10)
+    assert ((per_val - 0.15 * (per_train + per_val)).abs() <= 1).all()
+    again = get_dataset("digits", "val")
+    assert again.indices == val.indices  # fixed: the same images on every run
+    assert len(get_dataset("digits", "val", val_fraction=0.3)) == 432
+
+
+def test_val_fraction_and_too_small_to_split(tmp_path):
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(ConfigError, match="--val-fraction"):
+            get_dataset("digits", "val", val_fraction=bad)
+    one = torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.tensor([0]))
+    with pytest.raises(DataError, match="too few to split"):
+        split_train_val(one, 0.5, "tiny")
+    three = torch.utils.data.TensorDataset(torch.zeros(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    train, val = split_train_val(three, 0.5, "tiny")  # too few to stratify: a plain seeded split
+    assert (len(train), len(val)) == (1, 2)
+
+
 def labels_of(ds) -> torch.Tensor:
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
 def test_digits_split_is_stratified(digits):
     train, test = digits
-    assert (len(train), len(test)) == (1437, 360)
-    per_train, per_test = labels_of(train).bincount(minlength=10), labels_of(test).bincount(minlength=10)
-    assert per_train.numel() == per_test.numel() == 10
-    total = per_train + per_test
+    assert (len(train), len(test)) == (1221, 360)
+    per_test = labels_of(test).bincount(minlength=10)
+    total = labels_of(train).bincount(minlength=10) + labels_of(get_dataset("digits", "val")).bincount(minlength=10)
+    total += per_test
     assert ((per_test - 0.2 * total).abs() <= 1).all()  # each class keeps its 20% share in the test split
 
 
@@ -43,7 +77,7 @@ def test_digits_deterministic_shape_and_normalised(digits):
     assert torch.equal(test.tensors[0], again.tensors[0]) and torch.equal(test.tensors[1], again.tensors[1])
     x, y = train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= int(y) < 10
-    xs = train.tensors[0]
+    xs = train.dataset.tensors[0]
     assert torch.equal(xs[:, 0], xs[:, 1]) and torch.equal(xs[:, 0], xs[:, 2])  # grey replicated to 3 channels
     assert abs(xs.mean().item()) < 0.1 and 0.9 < xs.std().item() < 1.1
 
@@ -114,7 +148,7 @@ def cifar_root(tmp_path_factory) -> Path:
 
 
 def test_cifar10_labels_and_pixel_order(cifar_root):
-    train = get_dataset("cifar10", "train", cifar_root)
+    train = load_part("cifar10", "train", cifar_root)
     test = get_dataset("cifar10", "test", cifar_root)
     assert (len(train), len(test)) == (10, 2)
     assert labels_of(train).tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5] and labels_of(test).tolist() == [5, 6]
@@ -131,15 +165,15 @@ def test_cifar10_labels_and_pixel_order(cifar_root):
 
 
 def test_cifar100_reads_fine_labels(cifar_root):
-    train = get_dataset("cifar100", "train", cifar_root)
+    train = load_part("cifar100", "train", cifar_root)
     test = get_dataset("cifar100", "test", cifar_root)
     assert labels_of(train).tolist() == [99, 0, 57, 3] and labels_of(test).tolist() == [42, 7]
     assert dataset_info("cifar100").num_classes == 100
 
 
 def test_cifar_augmentation_keeps_shape_and_flips(cifar_root):
-    base = get_dataset("cifar10", "train", cifar_root)
-    aug = get_dataset("cifar10", "train", cifar_root, augment=True)
+    base = load_part("cifar10", "train", cifar_root)
+    aug = Augmented(base, flip=True)
     ramp = base[1][0]
     plain, flipped = crops(ramp), crops(ramp.flip(-1))
     kinds = set()
@@ -219,7 +253,7 @@ def mnist_root(tmp_path_factory) -> Path:
 
 def test_mnist_idx_plain_and_gz(mnist_root):
     info = dataset_info("mnist")
-    train, test = get_dataset("mnist", "train", mnist_root), get_dataset("mnist", "test", mnist_root)
+    train, test = load_part("mnist", "train", mnist_root), get_dataset("mnist", "test", mnist_root)
     assert labels_of(train).tolist() == [7, 0, 3] and labels_of(test).tolist() == [1, 9]
     white, black = train[0][0], test[1][0]
     assert white.shape == (3, 32, 32)
@@ -271,7 +305,7 @@ def folder_root(tmp_path_factory) -> Path:
 def test_imagefolder(folder_root):
     info = dataset_info("imagefolder", folder_root)
     assert info.num_classes == 2 and info.input_size == (3, 32, 32)
-    train, test = get_dataset("imagefolder", "train", folder_root), get_dataset("imagefolder", "test", folder_root)
+    train, test = load_part("imagefolder", "train", folder_root), get_dataset("imagefolder", "test", folder_root)
     assert labels_of(train).tolist() == [0, 0, 1, 1] and labels_of(test).tolist() == [0, 1]
     red, blue = test[0][0], test[1][0]
     assert red.shape == (3, 32, 32)
@@ -296,5 +330,5 @@ def test_missing_data_dir(name, tmp_path):
 def test_unknown_dataset_and_split():
     with pytest.raises(ConfigError, match="digits"):
         get_dataset("svhn")
-    with pytest.raises(ConfigError, match="train, test"):
-        get_dataset("digits", "val")
+    with pytest.raises(ConfigError, match="train, val, test"):
+        get_dataset("digits", "holdout")
