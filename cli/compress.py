@@ -7,23 +7,41 @@ from typing import Annotated
 
 import typer
 
+from ..data import DEFAULT_VAL_FRACTION
 from ..pipeline import RunConfig
 from ..pipeline import compress as run_compress
 from ..prune import PruneConfig, prune_checkpoint
+from ..summary import pm
 from ..vocab import (
     BREAKPOINT_METHODS,
     DEFAULT_LEVELS,
     DEFAULT_STEM,
+    FINETUNE_EPOCHS,
     FINETUNE_LR,
     FINETUNE_SCOPES,
     METHODS,
     SCOPES,
+    STUDENT_RECIPE,
+    TEACHER_RECIPE,
     finetune_recipe,
     level_file,
     parse_levels,
     parse_methods,
 )
-from .app import DataDirOpt, DeviceOpt, JsonOpt, RecipeName, SeedOpt, Stem, choices, command, emit, log, stdout
+from .app import (
+    DataDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    RecipeName,
+    SeedOpt,
+    Stem,
+    ValFractionOpt,
+    choices,
+    command,
+    emit,
+    log,
+    stdout,
+)
 
 PruneMethod = choices("PruneMethod", METHODS)
 PruneScope = choices("PruneScope", SCOPES)
@@ -44,13 +62,19 @@ def compress(
     teacher: Annotated[Path | None, typer.Option(help="Reuse a trained teacher checkpoint.")] = None,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 12,
     distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = 12,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = FINETUNE_EPOCHS,
     finetune_scope: Annotated[str, typer.Option(help="all, or head (projector only, as the paper).")] = "all",
-    finetune_lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (the paper's SGD recipe "
-                                                    "otherwise).")] = FINETUNE_LR,
+    finetune_lr: Annotated[float, typer.Option(help=f"Fine-tuning learning rate (the {STUDENT_RECIPE} recipe "
+                                                    "otherwise, no warm-up).")] = FINETUNE_LR,
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
-    recipe: Annotated[RecipeName, typer.Option(help="Recipe for teacher and distillation.")] = RecipeName.simkd,
+    recipe: Annotated[RecipeName, typer.Option(help="Recipe for distillation and the student trained alone.")]
+    = RecipeName[STUDENT_RECIPE],
+    teacher_recipe: Annotated[RecipeName, typer.Option(help="Recipe for the teacher.")]
+    = RecipeName[TEACHER_RECIPE],
+    baseline: Annotated[bool, typer.Option(help="Also train the student alone (CE, same budget): the comparison "
+                                                "that shows what distillation is worth.")] = True,
+    val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
     stem: Annotated[Stem, typer.Option(help="imagenet (fast at 32x32) or cifar.")] = Stem[DEFAULT_STEM],
     scope: Annotated[str | None, typer.Option(help="global or layer [global for weight, layer for channel].")]
     = None,
@@ -74,26 +98,33 @@ def compress(
     cfg = RunConfig(pair=pair, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                     teacher_epochs=teacher_epochs, distill_epochs=distill_epochs, finetune_epochs=finetune_epochs,
                     finetune_scope=finetune_scope, finetune_lr=finetune_lr, cls_weight=cls_weight,
-                    recipe=recipe.value, seed=seed, device=device, stem=stem.value, scope=scope, round_to=round_to,
-                    w1=w1, w2=w2, tolerance=tolerance,
+                    recipe=recipe.value, teacher_recipe=teacher_recipe.value, baseline=baseline,
+                    val_fraction=val_fraction, seed=seed, device=device, stem=stem.value, scope=scope,
+                    round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
                     breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
                     teacher=str(teacher) if teacher else None)
     result = run_compress(cfg, parse_methods(methods), parse_levels(levels), repeats, out, force, log=log)
     if as_json:
         emit([], "", True, payload={"run_dir": str(result.run_dir), "rows": result.rows, "table": result.table,
-                                     "summary": result.summary})
+                                     "summary": result.summary, **result.references})
         return
+    refs = [{"model": f"{name} ({cfg.pair_spec.teacher if name == 'teacher' else cfg.pair_spec.student})",
+             "val top1 %": r["val_top1"], "test top1 %": r["top1"], "params": round(r["deployed_params"]),
+             "MACs": round(r["macs"]), **({"b1 ms": r["latency_b1_ms"]} if r.get("latency_b1_ms") else {})}
+            for name, r in result.references.items()]
+    emit(refs, f"references, {cfg.pair_spec.name} on {dataset}", False)
     for method, rows in result.table.items():
         shown = []
         for r in rows:
-            row = {"level": f"{r['level']:.0%}" + (" *" if r["breakpoint"] else ""), "top1 %": r["top1"],
+            row = {"level": f"{r['level']:.0%}" + (" *" if r["breakpoint"] else ""),
+                   "val top1 %": pm(r["val_top1"], r["val_top1_sd"]), "test top1 %": pm(r["top1"], r["top1_sd"]),
                    "nonzero params": round(r["params_nonzero"]), "deployed params": round(r["deployed_params"]),
                    "MACs": round(r["effective_macs"]), "efficiency": r["perf_efficiency"]}
             if r.get("latency_b1_ms"):
                 row.update({"b1 ms": r["latency_b1_ms"], "b1 speedup": r["speedup_b1"],
                             f"b{profile_batch} ms": r["latency_bN_ms"], "latency eff.": r["latency_efficiency"]})
             shown.append(row)
-        emit(shown, f"{method} pruning, {cfg.pair_spec.name} on {dataset} (* = breakpoint)", False)
+        emit(shown, f"{method} pruning, {cfg.pair_spec.name} on {dataset} (* = breakpoint, chosen on val)", False)
     for line in result.summary:
         stdout.print(line, highlight=False)
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
@@ -114,8 +145,8 @@ def prune(
     finetune_scope: Annotated[FinetuneScope, typer.Option(help="all, or head (projector / classifier only).")]
     = FinetuneScope[FINETUNE_SCOPES[0]],
     teacher: Annotated[Path | None, typer.Option(help="Teacher checkpoint [teacher.pt next to CHECKPOINT].")] = None,
-    lr: Annotated[float | None, typer.Option(help=f"Fine-tuning learning rate [{FINETUNE_LR}, paper recipe].")]
-    = None,
+    lr: Annotated[float | None, typer.Option(help=f"Fine-tuning learning rate [{FINETUNE_LR}, {STUDENT_RECIPE} "
+                                                  "recipe, no warm-up].")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory [the checkpoint's]; writes "
                                              "<method>-<amount>.pt.")] = None,
     data_dir: DataDirOpt = None,

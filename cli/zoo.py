@@ -8,11 +8,20 @@ from typing import Annotated
 import typer
 
 from .. import models as zoo
+from ..data import DEFAULT_VAL_FRACTION
 from ..distill import DistillConfig
 from ..distill import distill as run_distill
 from ..train import evaluate_checkpoint, train_classifier
-from ..vocab import DEFAULT_STEM, DISTILL_METHODS, STUDENT_FILE, get_recipe, trained_path
-from .app import DataDirOpt, DeviceOpt, JsonOpt, RecipeName, SeedOpt, Stem, choices, command, emit
+from ..vocab import (
+    DEFAULT_STEM,
+    DISTILL_METHODS,
+    STUDENT_FILE,
+    STUDENT_RECIPE,
+    TEACHER_RECIPE,
+    get_recipe,
+    trained_path,
+)
+from .app import DataDirOpt, DeviceOpt, JsonOpt, RecipeName, SeedOpt, Stem, ValFractionOpt, choices, command, emit
 
 DistillMethod = choices("DistillMethod", DISTILL_METHODS)
 
@@ -47,10 +56,12 @@ def train(
     dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100, mnist or imagefolder.")] = "digits",
     out: Annotated[Path | None, typer.Option(help="Checkpoint path [runs/<dataset>/<model>.pt].")] = None,
     epochs: EpochsOpt = 15,
-    recipe: RecipeOpt = RecipeName.simkd,
+    recipe: Annotated[RecipeName, typer.Option(help="Hyper-parameter recipe (adamw: the teachers' default; "
+                                                    f"{STUDENT_RECIPE}: the students').")] = RecipeName[TEACHER_RECIPE],
     lr: LrOpt = None,
     batch_size: BatchSizeOpt = None,
     weight_decay: WeightDecayOpt = None,
+    val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
     stem: Annotated[Stem, typer.Option(help="imagenet (original, fast at 32x32) or cifar (3x3, no pool).")]
     = Stem[DEFAULT_STEM],
     pretrained: Annotated[Path | None, typer.Option(help="Local torchvision-format state_dict to start from.")]
@@ -69,7 +80,7 @@ def train(
                                                  weight_decay=weight_decay),
                                seed=seed, stem=stem.value, data_dir=data_dir,
                                pretrained=str(pretrained) if pretrained else None, device=device, resume=resume,
-                               download=download)
+                               download=download, val_fraction=val_fraction)
     emit([{"checkpoint": str(path), **metrics}], "trained", as_json)
 
 
@@ -87,7 +98,7 @@ def distill(
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
     epochs: EpochsOpt = 15,
-    recipe: RecipeOpt = RecipeName.simkd,
+    recipe: RecipeOpt = RecipeName[STUDENT_RECIPE],
     lr: LrOpt = None,
     batch_size: BatchSizeOpt = None,
     weight_decay: WeightDecayOpt = None,
@@ -97,7 +108,7 @@ def distill(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Distil a student from a trained teacher (SimKD by default)."""
+    """Distil a student from a trained teacher (SimKD by default); it uses the teacher's train/val split."""
     config = DistillConfig(method.value, projector_factor, temperature, alpha, cls_weight)
     path = out or teacher.with_name(STUDENT_FILE)
     metrics = run_distill(teacher, pair, path, config=config,

@@ -279,8 +279,8 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
     elif name == "imagefolder" and (_require_root(name, root) / "val").is_dir():
         ds = load_part(name, split, root, download)
     else:
-        ds = dict(zip(("train", "val"), split_train_val(load_part(name, "train", root, download), val_fraction,
-                                                        name)))[split]
+        train, val = split_train_val(load_part(name, "train", root, download), val_fraction, name)
+        ds = train if split == "train" else val
     return Augmented(ds, info.flip) if augment else ds
 
 

@@ -22,28 +22,28 @@ import torch
 
 from . import __version__, models
 from .checkpoint import load_checkpoint, load_model, write_json
+from .data import DEFAULT_VAL_FRACTION, check_val_fraction
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
-from .metrics import (
-    count_macs,
-    find_breakpoint,
-    latency_breakpoint,
-    latency_efficiency,
-    param_counts,
-    performance_efficiency,
-)
+from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
 from .profile import ProfileConfig, profile
 from .prune import PruneConfig, prune_checkpoint
+from .summary import reference_lines, summarise
 from .train import train_classifier, train_run
 from .vocab import (
+    BASELINE_FILE,
     DEFAULT_LEVELS,
+    FINETUNE_EPOCHS,
+    FINETUNE_LR,
     FINETUNE_SCOPES,
     MANIFEST_FILE,
     METHODS,
     RESULTS_FILE,
     RUNS_ROOT,
     STEMS,
+    STUDENT_RECIPE,
     TEACHER_FILE,
+    TEACHER_RECIPE,
     check_epochs,
     check_levels,
     check_methods,
@@ -65,10 +65,13 @@ class RunConfig:
     data_dir: str | None = None
     teacher_epochs: int = 12
     distill_epochs: int = 12
-    finetune_epochs: int = 2
+    finetune_epochs: int = FINETUNE_EPOCHS
     finetune_scope: str = "all"
-    recipe: str = "simkd"
-    finetune_lr: float = 0.01
+    recipe: str = STUDENT_RECIPE  # distillation and the student-alone baseline
+    teacher_recipe: str = TEACHER_RECIPE
+    finetune_lr: float = FINETUNE_LR
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    baseline: bool = True  # also train the student alone, the comparison that shows what distillation is worth
     seed: int = 0
     device: str | None = None
     stem: str = models.DEFAULT_STEM
@@ -97,6 +100,8 @@ class RunConfig:
             raise ConfigError(f"unknown stem {self.stem!r}; choose one of: {', '.join(STEMS)}")
         if self.profile_batch < 1:
             raise ConfigError("--profile-batch must be >= 1")
+        check_val_fraction(self.val_fraction)
+        get_recipe(self.recipe), get_recipe(self.teacher_recipe)
 
     @property
     def pair_spec(self) -> models.Pair:
@@ -151,10 +156,6 @@ def _reusable(path: Path, run: dict[str, Any], force: bool) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _recipe(cfg: RunConfig):
-    return get_recipe(cfg.recipe)
-
-
 def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
     """The teacher checkpoint: the user's (--teacher), or run_dir/teacher.pt trained once."""
     pair = cfg.pair_spec
@@ -164,15 +165,30 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
             raise CheckpointError(f"{cfg.teacher} is not a trained {pair.teacher}; pair {pair.name} needs one")
         if spec.get("dataset") != cfg.dataset:
             raise CheckpointError(f"{cfg.teacher} was trained on {spec.get('dataset')}, not {cfg.dataset}")
+        if spec.get("val_fraction") != cfg.val_fraction:
+            raise CheckpointError(f"{cfg.teacher} was trained with --val-fraction {spec.get('val_fraction')}, so "
+                                  f"it may have seen this run's validation images; pass --val-fraction "
+                                  f"{spec.get('val_fraction')} or train a teacher with {cfg.val_fraction}")
         return Path(cfg.teacher)
-    path = run_dir / TEACHER_FILE
-    recipe = _recipe(cfg)
-    run = train_run(pair.teacher, cfg.seed, cfg.teacher_epochs, recipe)
+    return _ensure_trained(cfg, run_dir, pair.teacher, TEACHER_FILE, cfg.teacher_epochs, cfg.teacher_recipe, force)
+
+
+def ensure_baseline(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
+    """run_dir/baseline.pt: the student architecture trained alone with cross-entropy, with the distillation's
+    budget, recipe, data and seed, so that the distilled student has the comparison that tells what KD is worth."""
+    return _ensure_trained(cfg, run_dir, cfg.pair_spec.student, BASELINE_FILE, cfg.distill_epochs, cfg.recipe, force)
+
+
+def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs: int, recipe_name: str,
+                    force: bool) -> Path:
+    path = run_dir / name
+    recipe = get_recipe(recipe_name)
+    run = train_run(model, cfg.seed, epochs, recipe, cfg.val_fraction)
     if not _reusable(path, run, force):
-        metrics = train_classifier(pair.teacher, cfg.dataset, path, epochs=cfg.teacher_epochs, recipe=recipe,
-                                   seed=cfg.seed, stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
-                                   resume=not force)
-        record_stage(run_dir, cfg, "teacher", {"path": path.name, **metrics})
+        metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
+                                   stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device, resume=not force,
+                                   val_fraction=cfg.val_fraction)
+        record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 
 
@@ -182,7 +198,7 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     teacher = ensure_teacher(cfg, run_dir, force)
     path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight)
-    recipe = _recipe(cfg)
+    recipe = get_recipe(cfg.recipe)
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,
@@ -209,7 +225,7 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
         config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
         path = run_dir / level_file(method, level, seed, cfg.seed)
         if not force and path.is_file():
-            _check_level_settings(path, config, cfg)
+            _check_level_settings(path, config, cfg, finetune_recipe(cfg.finetune_lr))
         else:
             prune_checkpoint(student, config, path, finetune_epochs=cfg.finetune_epochs,
                              finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
@@ -222,15 +238,15 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
     return row
 
 
-def _check_level_settings(path: Path, config, cfg: RunConfig) -> None:
+def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     """A finished pruned checkpoint is reused only when it was made with the same pruning settings."""
     _, spec = load_checkpoint(path)
     prune = spec.get("prune") or {}
-    lr = (prune.get("recipe") or {}).get("lr")
     made = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
-            prune.get("finetune_scope"), lr if cfg.finetune_epochs else None)
+            prune.get("finetune_scope"), prune.get("recipe") if cfg.finetune_epochs else None,
+            prune.get("bn_recalibration"))
     if made != (config.method, config.amount, config.scope, cfg.finetune_epochs, cfg.finetune_scope,
-                cfg.finetune_lr if cfg.finetune_epochs else None):
+                recipe.to_dict() if cfg.finetune_epochs else None, True):
         raise ConfigError(f"{path} was pruned with other settings; pass --force to recompute it")
 
 
@@ -243,8 +259,9 @@ def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
     counts = param_counts(model)
     macs = count_macs(model, tuple(spec["input_size"]))
     row: dict[str, Any] = {
-        "top1": acc["top1"], "top5": acc["top5"], "params_nonzero": counts.student_nonzero,
-        "student_params": counts.student, "deployed_params": counts.deployed_nonzero,
+        "top1": acc["top1"], "top5": acc["top5"], "val_top1": acc.get("val_top1"),
+        "params_nonzero": counts.student_nonzero, "student_params": counts.student,
+        "deployed_params": counts.deployed_nonzero, "deployed_dense": counts.deployed,
         "macs": macs.dense, "effective_macs": macs.effective,
         "perf_efficiency": performance_efficiency(acc["top1"], counts.student_nonzero, cfg.w1, cfg.w2),
         "deployed_efficiency": performance_efficiency(acc["top1"], counts.deployed_nonzero, cfg.w1, cfg.w2),
@@ -267,58 +284,7 @@ class CompressResult:
     rows: list[dict[str, Any]]  # one per (method, level, repeat)
     table: dict[str, list[dict[str, Any]]]  # per method: rows averaged over repeats, breakpoint marked
     summary: list[str]
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def summarise(rows: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """Average repeats, mark breakpoints, and answer "which student should I ship?" per method."""
-
-    table: dict[str, list[dict[str, Any]]] = {}
-    summary: list[str] = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        by_level: dict[float, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["method"] == method:
-                by_level.setdefault(r["level"], []).append(r)
-        out = []
-        for level in sorted(by_level):
-            group = by_level[level]
-            avg = {k: _mean([g.get(k) for g in group]) for k in ("top1", "top5", "params_nonzero", "deployed_params",
-                                                                  "macs", "effective_macs", "perf_efficiency",
-                                                                  "latency_b1_ms", "latency_bN_ms",
-                                                                  "latency_efficiency")}
-            out.append({"level": level, "repeats": len(group), **avg})
-        bp = find_breakpoint([r["level"] for r in out], [r["top1"] for r in out], cfg.tolerance,
-                             cfg.breakpoint_method)
-        for r in out:
-            r["breakpoint"] = r["level"] == bp.level
-        table[method] = out
-        chosen = out[bp.index]
-        summary.append(f"{method}: breakpoint at {bp.level:.0%} ({bp.method}, tolerance {cfg.tolerance:g} pt): "
-                       f"top-1 {chosen['top1']:.2f}%, {chosen['params_nonzero']:,.0f} non-zero student params, "
-                       f"{chosen['deployed_params']:,.0f} deployed, efficiency {chosen['perf_efficiency']:.3g}")
-        if all(r.get("latency_b1_ms") for r in out):
-            for r in out:
-                r["speedup_b1"] = out[0]["latency_b1_ms"] / r["latency_b1_ms"]
-                r["speedup_bN"] = (out[0]["latency_bN_ms"] / r["latency_bN_ms"]) if r.get("latency_bN_ms") else None
-            lb = latency_breakpoint([r["level"] for r in out], [r["top1"] for r in out],
-                                    [r["latency_b1_ms"] for r in out], cfg.tolerance)
-            fast = out[lb.index]
-            summary.append(f"{method} on {cfg.profile}: fastest within tolerance is {lb.level:.0%}: "
-                           f"{fast['latency_b1_ms']:.3f} ms at batch 1 ({fast['speedup_b1']:.2f}x), "
-                           f"top-1 {fast['top1']:.2f}%")
-    candidates = [(m, r) for m, out in table.items() for r in out if r["top1"] >= out[0]["top1"] - cfg.tolerance]
-    if candidates:
-        key = "latency_b1_ms" if all(r.get("latency_b1_ms") for _, r in candidates) else None
-        m, r = (min(candidates, key=lambda c: (c[1][key], -c[1]["level"])) if key else
-                max(candidates, key=lambda c: c[1]["perf_efficiency"]))
-        why = f"fastest on {cfg.profile} within tolerance" if key else "most efficient within tolerance"
-        summary.append(f"ship: {m}-pruned student at {r['level']:.0%} ({why}): top-1 {r['top1']:.2f}%")
-    return table, summary
+    references: dict[str, dict[str, Any]]  # "teacher" and (unless disabled) "baseline": measured like a row
 
 
 def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: int = 1, run_dir: Path | None = None,
@@ -332,12 +298,20 @@ def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: in
     cells = [(m, lv, r) for r in range(repeats) for m in methods for lv in levels]
     log(f"run directory {run_dir}: teacher {cfg.pair_spec.teacher}, student {cfg.pair_spec.student}")
     ensure_student(cfg, run_dir, force)
+    references = {"teacher": measure(ensure_teacher(cfg, run_dir), cfg)}
+    if cfg.baseline:
+        log(f"baseline: {cfg.pair_spec.student} trained alone (cross-entropy, the distillation's budget)")
+        references["baseline"] = measure(ensure_baseline(cfg, run_dir, force), cfg)
     rows = []
     for i, (method, level, r) in enumerate(cells, 1):
         log(f"[{i}/{len(cells)}] {method} pruning at {level:.0%} (repeat {r + 1}/{repeats})")
         rows.append(run_level(cfg, run_dir, method, level, seed=cfg.seed + r, force=force))
-    table, summary = summarise(rows, cfg)
+    table, summary = summarise(rows, cfg.tolerance, cfg.breakpoint_method, cfg.profile)
+    student = next((r for r in rows if r["level"] == 0), None) or measure(run_dir / student_file(cfg.seed, cfg.seed),
+                                                                          cfg)
+    summary = reference_lines(references, student, cfg.pair_spec) + summary
     write_json(run_dir / RESULTS_FILE, {"config": dataclasses.asdict(cfg), "rows": rows, "table": table,
-                                          "summary": summary})
+                                          "summary": summary, **{k: {**v, "test_top1": v["top1"]}
+                                                                 for k, v in references.items()}})
     record_stage(run_dir, cfg, "compress", {"methods": list(methods), "levels": list(levels), "repeats": repeats})
-    return CompressResult(run_dir, rows, table, summary)
+    return CompressResult(run_dir, rows, table, summary, references)

@@ -95,7 +95,7 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, device: torch.device | s
     model.train()
     for x, _ in itertools.islice(loader, batches):
         model(x.to(device))
-    for m, momentum in zip(bns, momenta):
+    for m, momentum in zip(bns, momenta, strict=True):
         m.momentum = momentum
     model.train(was_training)
 

@@ -90,42 +90,58 @@ def _knee_index(x: np.ndarray, y: np.ndarray) -> int:
     return int(np.argmax(height)) if height.max() > 0 else 0
 
 
+def _within(y: np.ndarray, spreads: np.ndarray | None, tolerance: float) -> np.ndarray:
+    """Per level: is its accuracy within `tolerance` of the lowest level's, given the noise of both?
+
+    With repeats, a level counts as fallen out only when its drop exceeds the tolerance by more than the
+    spread of the difference (the two standard deviations added in quadrature): a drop smaller than the
+    noise is not evidence of a drop. Without repeats the spreads are zero and this is the plain rule.
+    """
+    noise = np.zeros_like(y) if spreads is None else np.hypot(spreads, spreads[0])
+    return y >= y[0] - tolerance - noise
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"tolerance must be a finite number >= 0 (accuracy points), got {tolerance!r}")
+
+
 def find_breakpoint(levels: Sequence[float], accuracies: Sequence[float], tolerance: float = 1.0,
-                    method: str = "tolerance") -> Breakpoint:
+                    method: str = "tolerance", spreads: Sequence[float] | None = None) -> Breakpoint:
     """The pruning level after which accuracy falls faster than parameters.
 
     - "tolerance": the highest level such that it and every lower level stay within `tolerance` accuracy
       points of the lowest level's (the unpruned) accuracy; the level before the first one that falls out.
     - "knee": Kneedle on the normalised curve (the point farthest above the chord from the first to the last
       point); the last level if accuracy never drops, the first if the curve has no concave knee.
-    Points are sorted by level first.
+    Points are sorted by level first. `spreads` (standard deviations over repeats, per level) widen the
+    tolerance by the noise of each comparison (see `_within`).
     """
     if method not in BREAKPOINT_METHODS:
         known = ", ".join(BREAKPOINT_METHODS)
         raise ConfigError(f"unknown breakpoint method {method!r}; choose one of: {known}")
-    x, y = _curve(levels, accuracies)
+    x, y, s = _curve(levels, accuracies, np.zeros(len(levels)) if spreads is None else spreads)
     if method == "knee":
         i = _knee_index(x, y)
         return Breakpoint(float(x[i]), i, float(y[i]), method, None)
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigError(f"tolerance must be a finite number >= 0 (accuracy points), got {tolerance!r}")
-    out = np.flatnonzero(y < y[0] - tolerance)
+    _check_tolerance(tolerance)
+    out = np.flatnonzero(~_within(y, s, tolerance))
     i = int(out[0]) - 1 if out.size else y.size - 1
     return Breakpoint(float(x[i]), i, float(y[i]), method, float(tolerance))
 
 
 def latency_breakpoint(levels: Sequence[float], accuracies: Sequence[float], latencies: Sequence[float],
-                       tolerance: float = 1.0) -> Breakpoint:
+                       tolerance: float = 1.0, spreads: Sequence[float] | None = None) -> Breakpoint:
     """The fastest level among all levels within `tolerance` points of the lowest level's accuracy.
 
-    Ties in latency go to the higher level. Latencies are in milliseconds and must be > 0.
+    Ties in latency go to the higher level. Latencies are in milliseconds and must be > 0. `spreads` as in
+    `find_breakpoint`.
     """
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigError(f"tolerance must be a finite number >= 0 (accuracy points), got {tolerance!r}")
-    x, y, lat = _curve(levels, accuracies, latencies)
+    _check_tolerance(tolerance)
+    x, y, lat, s = _curve(levels, accuracies, latencies, np.zeros(len(levels)) if spreads is None else spreads)
     if np.any(lat <= 0):
         raise ConfigError("latencies must be > 0 ms")
-    ok = np.flatnonzero(y >= y[0] - tolerance)
+    ok = np.flatnonzero(_within(y, s, tolerance))
     fastest = lat[ok].min()
     i = int(ok[lat[ok] == fastest][-1])
     return Breakpoint(float(x[i]), i, float(y[i]), "latency", float(tolerance))

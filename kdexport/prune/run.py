@@ -7,8 +7,9 @@ The teacher checkpoint is `teacher_ckpt`, else `teacher.pt` next to the input (t
 (the teacher classifier after it is frozen anyway) or the classifier of a plain model; the frozen rest
 stays in eval mode, so its BatchNorm statistics do not drift.
 
-Default recipe: kdexport.vocab.finetune_recipe(), the paper's (SGD, Nesterov 0.9, batch 64, wd 5e-4, constant
-schedule) at lr 0.01.
+After every pruning step the BatchNorm statistics are re-estimated on training batches, before fine-tuning.
+Default recipe: kdexport.vocab.finetune_recipe(), the student recipe (Nesterov SGD, cosine) at lr 0.01 without
+warm-up. The fine-tuned model is the epoch with the best validation accuracy.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ from ..metrics import (
 )
 from ..models import is_distilled
 from ..structure import structure_of
-from ..train import ce_step, final_metrics, fit, pick_device, recalibrate_bn_, seed_everything, split_loaders
+from ..train import (
+    ce_step,
+    final_metrics,
+    fit,
+    pick_device,
+    recalibrate_bn_,
+    seed_everything,
+    split_loaders,
+)
 from ..vocab import FINETUNE_SCOPES, finetune_recipe
 from .channel import prune_channels, replay_channels_
 from .config import PruneConfig
@@ -203,8 +212,9 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
     counts = param_counts(model)
     macs = count_macs(model, tuple(spec["input_size"]))
     row = {"checkpoint": str(out_path), "method": config.method, "amount": config.amount, "scope": config.scope,
-           "top1": acc["top1"], "top5": acc["top5"], "val_top1": acc["val_top1"], "params_nonzero": counts.student_nonzero,
-           "student_params": counts.student, "deployed_params": counts.deployed_nonzero,
+           "top1": acc["top1"], "top5": acc["top5"], "val_top1": acc["val_top1"],
+           "params_nonzero": counts.student_nonzero, "student_params": counts.student,
+           "deployed_params": counts.deployed_nonzero,
            "sparsity": global_sparsity(model, reference), "macs": macs.dense, "effective_macs": macs.effective,
            "size_bytes": serialized_bytes(model), "sparse_bytes": sparse_encoded_bytes(model)}
     if config.method == "channel" or spec.get("structure"):

@@ -208,6 +208,21 @@ def test_breakpoint_tolerance():
     assert find_breakpoint([0, 0.5, 0.9], [90, 88, 89.5], tolerance=1).index == 0
 
 
+def test_breakpoint_knows_its_noise():
+    """A drop inside the repeats' spread is not a drop; the same drop with no spread is."""
+    levels, accs = [0, 0.5, 0.9], [95.0, 93.5, 80.0]
+    assert find_breakpoint(levels, accs, tolerance=1.0).level == 0.0
+    assert find_breakpoint(levels, accs, tolerance=1.0, spreads=[0.0, 0.0, 0.0]).level == 0.0
+    # 1.5-point drop, spreads 0.5 and 0.6: noise sqrt(0.25+0.36) = 0.78 > 0.5 beyond the tolerance
+    assert find_breakpoint(levels, accs, tolerance=1.0, spreads=[0.5, 0.6, 1.0]).level == 0.5
+    assert find_breakpoint(levels, accs, tolerance=1.0, spreads=[0.3, 0.3, 1.0]).level == 0.0  # 0.42 < 0.5
+    lat = [3.0, 2.0, 1.0]
+    assert latency_breakpoint(levels, accs, lat, tolerance=1.0).level == 0.0
+    assert latency_breakpoint(levels, accs, lat, tolerance=1.0, spreads=[0.5, 0.6, 1.0]).level == 0.5
+    with pytest.raises(ConfigError, match="length"):
+        find_breakpoint(levels, accs, spreads=[0.1])
+
+
 def test_breakpoint_knee_by_hand():
     # normalised height above the chord peaks at level 0.7 (0.653 vs 0.617 at 0.6 and 0.514 at 0.8)
     bp = find_breakpoint(LEVELS, ACCS, method="knee")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from kdexport.cli import app
 from kdexport.errors import ConfigError
-from kdexport.pipeline import RunConfig, summarise
+from kdexport.summary import summarise
 from kdexport.vocab import parse_levels
 
 runner = CliRunner()
@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 def test_compress_writes_every_stage_and_a_table(run_dir):
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert {"teacher", "student", "weight-0.50", "channel-0.50", "compress"} <= set(manifest["stages"])
+    assert {"teacher", "baseline", "student", "weight-0.50", "channel-0.50", "compress"} <= set(manifest["stages"])
     assert manifest["versions"]["torch"]
     results = json.loads((run_dir / "results.json").read_text())
     assert {(r["method"], r["level"]) for r in results["rows"]} == {
@@ -39,6 +39,13 @@ def test_compress_writes_every_stage_and_a_table(run_dir):
     assert by[("channel", 0.5)]["macs"] < by[("channel", 0.0)]["macs"]
     assert by[("weight", 0.0)]["deployed_params"] > by[("weight", 0.0)]["student_params"]  # projector + head
     assert any(r["breakpoint"] for r in results["table"]["weight"])
+    # every row and both references carry the validation accuracy that choices use beside the test one
+    assert all(0 <= r["val_top1"] <= 100 for r in results["rows"])
+    for ref, model in (("teacher", "lenet5"), ("baseline", "lenet300_100")):
+        assert {"val_top1", "test_top1", "deployed_params", "macs"} <= set(results[ref])
+        assert results[ref]["test_top1"] == results[ref]["top1"]
+    assert results["baseline"]["deployed_params"] < by[("weight", 0.0)]["deployed_params"]
+    assert any(line.startswith("student lenet300_100 trained alone") for line in results["summary"])
 
 
 def test_rerun_reuses_finished_stages(run_dir):
@@ -85,17 +92,57 @@ def test_parse_levels_ranges():
         parse_levels("0:1:0.5")
 
 
-def test_summarise_marks_breakpoint_and_recommends():
-    cfg = RunConfig(pair="lenet5:lenet300_100", tolerance=1.0, profile="ort-cpu")
+def _rows(curves, val_shift=0.0):
     rows = []
-    curves = [("weight", [90, 89.5, 85], [1.0, 1.0, 1.0]), ("channel", [90, 89.2, 80], [1.0, 0.5, 0.3])]
     for method, accs, lat in curves:
         for level, acc, ms in zip([0.0, 0.5, 0.9], accs, lat, strict=True):
-            rows.append({"method": method, "level": level, "top1": acc, "top5": 100.0,
-                         "params_nonzero": 1e6 * (1 - level), "deployed_params": 2e6, "macs": 1e6,
+            rows.append({"method": method, "level": level, "top1": acc, "val_top1": acc + val_shift, "top5": 100.0,
+                         "params_nonzero": 1e6 * (1 - level), "deployed_params": 2e6 * (1 - level),
+                         "deployed_dense": 2e6 * (1 - level if method == "channel" else 1), "macs": 1e6,
                          "effective_macs": 1e6, "perf_efficiency": acc / (1 - level), "latency_b1_ms": ms,
                          "latency_bN_ms": ms * 8, "latency_efficiency": acc / ms})
-    table, summary = summarise(rows, cfg)
+    return rows
+
+
+CURVES = [("weight", [90, 89.5, 85], [1.0, 1.0, 1.0]), ("channel", [90, 89.2, 80], [1.0, 0.5, 0.3])]
+
+
+def test_summarise_marks_breakpoint_and_recommends():
+    table, summary = summarise(_rows(CURVES), 1.0, "tolerance", "ort-cpu")
     assert [r["breakpoint"] for r in table["weight"]] == [False, True, False]
     assert table["channel"][1]["speedup_b1"] == pytest.approx(2.0)
-    assert summary[-1].startswith("ship: channel-pruned student at 50%")
+    assert summary[-1].startswith("ship: channel-pruned student at 50% (fastest on ort-cpu")
+
+
+def test_without_latency_ship_ranks_by_the_deployed_file_and_says_weight_files_stay_dense():
+    rows = [{k: v for k, v in r.items() if not k.startswith("latency")} for r in _rows(CURVES)]
+    _, summary = summarise(rows, 1.0)
+    assert summary[-1].startswith("ship: channel-pruned student at 50% (smallest deployed file")
+    assert "stay dense" in summary[-1]
+
+
+def test_test_accuracy_never_feeds_a_choice():
+    """Scrambling the test accuracies (as permuted test labels would) changes no choice; val decides."""
+    rows = _rows(CURVES)
+    scrambled = [{**r, "top1": 100.0 - r["top1"]} for r in rows]
+    for backend in ("ort-cpu", None):
+        strip = (lambda r: r) if backend else (lambda r: {k: v for k, v in r.items() if not k.startswith("lat")})
+        (t1, s1), (t2, s2) = (summarise([strip(r) for r in rs], 1.0, "tolerance", backend) for rs in (rows, scrambled))
+        assert [[r["breakpoint"] for r in t1[m]] for m in t1] == [[r["breakpoint"] for r in t2[m]] for m in t2]
+        assert s1[-1].split(":")[1].split("(")[0] == s2[-1].split(":")[1].split("(")[0]
+
+
+def test_decisions_know_their_noise():
+    """Two repeats: a 1.5-point drop with spreads around 0.7 is inside the noise, so 50% stays within tolerance."""
+    rows = []
+    for seed, accs in enumerate(([95.0, 94.0, 80.0], [95.0, 93.0, 81.0])):
+        for level, acc in zip([0.0, 0.5, 0.9], accs, strict=True):
+            rows.append({"method": "channel", "level": level, "top1": acc, "val_top1": acc, "seed": seed,
+                         "params_nonzero": 1.0, "deployed_params": 1.0, "deployed_dense": 1.0,
+                         "perf_efficiency": 1.0})
+    table, summary = summarise(rows, 1.0)
+    assert table["channel"][1]["val_top1"] == 93.5 and table["channel"][1]["val_top1_sd"] == pytest.approx(0.7071, 1e-3)
+    assert [r["breakpoint"] for r in table["channel"]] == [False, True, False]
+    assert "93.50 ± 0.71" in summary[0] and "spread" in summary[0]
+    single = [r for r in rows if r["seed"] == 0]  # one repeat: 1.0-point drop, exactly at the tolerance
+    assert summarise(single, 0.9)[0]["channel"][0]["breakpoint"]
