@@ -83,6 +83,8 @@ def log(msg: str) -> None:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write machine-readable JSON to stdout.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Local dataset root (not needed for digits).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
+OfficialOpt = Annotated[bool, typer.Option("--official-simkd", help="SimKD exactly as the official code: the "
+                                            "feature MSE alone (--cls-weight 0) and no output-BN moment match.")]
 ValFractionOpt = Annotated[float, typer.Option(help="Fraction of the training part held out for validation "
                                                     "(every choice is made on it; test is only reported).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]

@@ -32,6 +32,7 @@ from .app import (
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
+    OfficialOpt,
     RecipeName,
     SeedOpt,
     Stem,
@@ -68,6 +69,7 @@ def compress(
                                                     "otherwise, no warm-up).")] = FINETUNE_LR,
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
+    official_simkd: OfficialOpt = False,
     recipe: Annotated[RecipeName, typer.Option(help="Recipe for distillation and the student trained alone.")]
     = RecipeName[STUDENT_RECIPE],
     teacher_recipe: Annotated[RecipeName, typer.Option(help="Recipe for the teacher.")]
@@ -97,7 +99,8 @@ def compress(
     """Run the whole pipeline: teacher -> SimKD student -> prune at each level -> fine-tune -> measure."""
     cfg = RunConfig(pair=pair, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                     teacher_epochs=teacher_epochs, distill_epochs=distill_epochs, finetune_epochs=finetune_epochs,
-                    finetune_scope=finetune_scope, finetune_lr=finetune_lr, cls_weight=cls_weight,
+                    finetune_scope=finetune_scope, finetune_lr=finetune_lr,
+                    cls_weight=0.0 if official_simkd else cls_weight, match_bn=not official_simkd,
                     recipe=recipe.value, teacher_recipe=teacher_recipe.value, baseline=baseline,
                     val_fraction=val_fraction, seed=seed, device=device, stem=stem.value, scope=scope,
                     round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,

@@ -21,7 +21,19 @@ from ..vocab import (
     get_recipe,
     trained_path,
 )
-from .app import DataDirOpt, DeviceOpt, JsonOpt, RecipeName, SeedOpt, Stem, ValFractionOpt, choices, command, emit
+from .app import (
+    DataDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    OfficialOpt,
+    RecipeName,
+    SeedOpt,
+    Stem,
+    ValFractionOpt,
+    choices,
+    command,
+    emit,
+)
 
 DistillMethod = choices("DistillMethod", DISTILL_METHODS)
 
@@ -97,6 +109,7 @@ def distill(
     alpha: Annotated[float, typer.Option(help="KD weight of the soft loss.")] = 0.9,
     cls_weight: Annotated[float, typer.Option(help="SimKD: cross-entropy weight through the teacher classifier "
                                                    "(0 = the official pure-MSE objective).")] = 1.0,
+    official_simkd: OfficialOpt = False,
     epochs: EpochsOpt = 15,
     recipe: RecipeOpt = RecipeName[STUDENT_RECIPE],
     lr: LrOpt = None,
@@ -109,7 +122,8 @@ def distill(
     as_json: JsonOpt = False,
 ) -> None:
     """Distil a student from a trained teacher (SimKD by default); it uses the teacher's train/val split."""
-    config = DistillConfig(method.value, projector_factor, temperature, alpha, cls_weight)
+    config = (DistillConfig.official(projector_factor=projector_factor) if official_simkd else
+              DistillConfig(method.value, projector_factor, temperature, alpha, cls_weight))
     path = out or teacher.with_name(STUDENT_FILE)
     metrics = run_distill(teacher, pair, path, config=config,
                           recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size, weight_decay=weight_decay),

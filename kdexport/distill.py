@@ -34,6 +34,7 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     cls_weight: float = 1.0  # SimKD: cross-entropy through the frozen teacher classifier (official code: 0)
+    match_bn: bool = True  # SimKD: start the projector's output BN at the teacher's moments (official code: no)
 
     def __post_init__(self):
         if self.method not in DISTILL_METHODS:
@@ -45,6 +46,11 @@ class DistillConfig:
             raise ConfigError("--temperature must be > 0 and --alpha in [0, 1]")
         if not self.cls_weight >= 0:
             raise ConfigError(f"--cls-weight must be >= 0, got {self.cls_weight}")
+
+    @classmethod
+    def official(cls, **kw: Any) -> DistillConfig:
+        """SimKD exactly as the official code trains it: the feature MSE alone, no moment match."""
+        return cls("simkd", cls_weight=0.0, match_bn=False, **kw)
 
 
 @torch.no_grad()
@@ -81,9 +87,11 @@ def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def simkd_step(teacher: nn.Module, cls_weight: float = 0.0):
     """Training step for a DistilledStudent: MSE between projected student and teacher features.
 
-    `cls_weight` > 0 adds cross-entropy through the frozen teacher classifier (the official framework's
-    gamma, 0 in its SimKD runs). MSE weighs every channel alike, and on short runs with small maps the
-    student fits the teacher's class-irrelevant variance first; the CE term points it at the classifier's subspace.
+    `cls_weight` > 0 adds cross-entropy on the deployed logits, i.e. through the projector and the frozen
+    teacher classifier. This is kdexport's departure from the official objective (MSE alone); it is not the
+    official framework's gamma, which puts cross-entropy on the student's own classifier. MSE weighs every
+    channel alike, and on short runs with small maps the student fits the teacher's class-irrelevant variance
+    first; the CE term points it at the classifier's subspace.
     """
 
     def step(student: DistilledStudent, x: torch.Tensor, y: torch.Tensor):
@@ -139,7 +147,7 @@ def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: Disti
 
 def distill_settings(config: DistillConfig) -> dict[str, Any]:
     return {"method": config.method, "temperature": config.temperature, "alpha": config.alpha,
-            "cls_weight": config.cls_weight}
+            "cls_weight": config.cls_weight, "match_bn": config.match_bn}
 
 
 def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: DistillConfig) -> dict[str, Any]:
@@ -187,7 +195,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     seed_everything(seed)
     student = new_student(spec, teacher)
     train, val, test = split_loaders(tspec["dataset"], recipe.batch_size, data_dir, spec["val_fraction"])
-    if config.method == "simkd":
+    if config.method == "simkd" and config.match_bn:
         with torch.no_grad():
             calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])
             match_output_bn_(student.projector, teacher.forward_features(calib))

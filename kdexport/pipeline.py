@@ -78,6 +78,7 @@ class RunConfig:
     distill_method: str = "simkd"
     projector_factor: int = 2
     cls_weight: float = 1.0
+    match_bn: bool = True
     scope: str | None = None  # None: global for weight pruning, per layer for channel pruning
     round_to: int = 8
     w1: float = 0.5
@@ -197,7 +198,7 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     seed = cfg.seed if seed is None else seed
     teacher = ensure_teacher(cfg, run_dir, force)
     path = run_dir / student_file(seed, cfg.seed)
-    config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight)
+    config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight, match_bn=cfg.match_bn)
     recipe = get_recipe(cfg.recipe)
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
     if not _reusable(path, run, force):

@@ -25,8 +25,8 @@ from .metrics import find_breakpoint, performance_efficiency
 from .vocab import METHODS
 
 REQUIRED = ("pair", "method", "accuracy", "params")
-OPTIONAL = ("repeat", "level")
-COLUMNS_HINT = "expected columns pair,method,accuracy,params and optionally repeat,level"
+OPTIONAL = ("repeat", "level", "val_accuracy")
+COLUMNS_HINT = "expected columns pair,method,accuracy,params and optionally repeat,level,val_accuracy"
 
 
 def _num(value: Any) -> float | None:
@@ -70,8 +70,9 @@ def _typed(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("empty pair")
     if "repeat" in row and row["repeat"] is not None:
         out["repeat"] = int(row["repeat"])
-    if "level" in row and row["level"] is not None:
-        out["level"] = float(row["level"])
+    for key in ("level", "val_accuracy"):
+        if row.get(key) is not None:
+            out[key] = float(row[key])
     return out
 
 
@@ -124,8 +125,9 @@ def _chosen_points(rows: list[dict[str, Any]], tolerance: float, breakpoint: str
             chosen[key] = group[0]
             continue
         try:
-            bp = find_breakpoint([r["level"] for r in group], [r["accuracy"] for r in group], tolerance,
-                                 breakpoint)
+            # chosen on validation accuracy when every row has one; the test accuracy is only reported
+            on = "val_accuracy" if all("val_accuracy" in r for r in group) else "accuracy"
+            bp = find_breakpoint([r["level"] for r in group], [r[on] for r in group], tolerance, breakpoint)
         except ConfigError as exc:
             raise DataError(f"pair {key[0]}, method {key[1]}, repeat {key[2]}: {exc}") from None
         chosen[key] = sorted(group, key=lambda r: r["level"])[bp.index]

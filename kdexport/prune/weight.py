@@ -1,7 +1,7 @@
 """Unstructured L1 weight pruning with torch.nn.utils.prune: masks while fine-tuning, zeros baked in to save.
 
-The scope is the whole deployed module: every Conv2d and Linear weight, including a DistilledStudent's
-projector and its frozen teacher classifier (which stays frozen, but masked).
+The scope is the trainable part of the deployed module: every Conv2d and Linear weight, a DistilledStudent's
+projector included; its frozen teacher classifier stays whole (fine-tuning could not recover it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def prunable_layers(model: nn.Module) -> list[nn.Module]:
     A frozen layer (a DistilledStudent's teacher classifier) is left whole: fine-tuning could not recover it,
     and at 90% global L1 it lost 99.8% of its weights and took the student to 19% top-1.
     """
-    return [m for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.requires_grad]
+    # a masked layer's `weight` is recomputed by its hook (no grad under inference_mode): ask the parameter
+    return [m for m in model.modules() if isinstance(m, PRUNABLE) and getattr(m, "weight_orig", m.weight).requires_grad]
 
 
 def has_masks(model: nn.Module) -> bool:

@@ -26,7 +26,7 @@ COLUMNS = (
     ("backend", "TEXT"), ("latency_b1_ms", "REAL"), ("latency_bN_ms", "REAL"), ("latency_efficiency", "REAL"),
     ("layer_sparsity", "TEXT"), ("duration_s", "REAL"), ("host", "TEXT"), ("torch_version", "TEXT"),
     ("kdexport_version", "TEXT"), ("versions", "TEXT"), ("checkpoint", "TEXT"), ("finished_at", "TEXT"),
-    ("extra", "TEXT"),
+    ("extra", "TEXT"), ("val_top1", "REAL"),
 )
 JSON_COLUMNS = ("layer_sparsity", "versions", "extra")
 STAGE_COLUMNS = ("dataset", "pair", "stage", "repeat", "seed", "model", "top1", "top5", "params",
@@ -52,6 +52,11 @@ class ResultsStore:
             self.db.execute(f"CREATE TABLE IF NOT EXISTS stages ({', '.join(STAGE_COLUMNS)}, "
                             "PRIMARY KEY (dataset, pair, stage, repeat))")
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            if create:  # a store from before a column existed gains it (empty for its old rows)
+                have = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+                for c, t in COLUMNS:
+                    if c not in have:
+                        self.db.execute(f"ALTER TABLE results ADD COLUMN {c} {t}")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise DataError(f"{self.path} is not a kdexport results store ({exc}); pass another path") \
@@ -148,7 +153,8 @@ def stats_rows(path: str | Path, params: str = "student", dataset: str | None = 
     rows, _ = read_store(path, dataset)
     column = PARAM_COLUMNS[params]
     return [{"pair": r["pair"], "method": r["method"], "accuracy": r["top1"], "params": r[column],
-             "repeat": r["repeat"], "level": r["level"]} for r in rows]
+             "repeat": r["repeat"], "level": r["level"],
+             **({"val_accuracy": r["val_top1"]} if r.get("val_top1") is not None else {})} for r in rows]
 
 
 __all__ = ["ResultsStore", "read_store", "stats_rows", "norm_level", "STORE_NAME", "PARAM_COLUMNS", "KEY",

@@ -97,6 +97,19 @@ def test_levels_pick_the_breakpoint_per_repeat():
     assert knee["level"] == 0.7  # farthest above the chord of the normalised curve
 
 
+def test_the_breakpoint_is_chosen_on_validation_and_test_only_reported():
+    rows = []
+    for pair in ("a", "b"):
+        for method in ("weight", "channel"):
+            for level, acc, val in ((0.0, 90.0, 90.0), (0.5, 80.0, 89.5), (0.9, 70.0, 60.0)):
+                rows.append({"pair": pair, "method": method, "accuracy": acc, "val_accuracy": val, "level": level,
+                             "params": 1e6 * (1 - level)})
+    w = run_stats(rows, tolerance=1.0)["pairs"][0]["weight"]
+    assert w["level"] == 0.5 and w["accuracy"] == 80.0  # test says 80 at 50%; val (89.5) chose it
+    without_val = [{k: v for k, v in r.items() if k != "val_accuracy"} for r in rows]
+    assert run_stats(without_val, tolerance=1.0)["pairs"][0]["weight"]["level"] == 0.0
+
+
 @dataclass
 class Record:
     pair: str

@@ -19,6 +19,7 @@ from kdexport.train import (
     evaluate_checkpoint,
     fit,
     get_recipe,
+    lr_factor,
     make_optimizer,
     pick_device,
     run_paths,
@@ -218,3 +219,46 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--device cpu"):
             pick_device("cuda")
+
+
+def test_test_labels_never_feed_a_choice(tmp_path, loaders):
+    """Permuting the test labels changes the reported test accuracy and nothing else: the epoch kept, the
+    weights and the validation figures are chosen on the validation split alone."""
+    train, val, test = loaders
+    x, y = (torch.cat(t) for t in zip(*test, strict=True))
+    permuted = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y[torch.randperm(len(y))]), 64)
+    results = []
+    for i, test_loader in enumerate((test, permuted)):
+        torch.manual_seed(0)
+        model = models.create_model("lenet5")
+        metrics = fit(model, ce_step, train, val, test_loader, get_recipe("cosine"), 3, tmp_path / f"{i}.pt",
+                      spec_for({"id": i}))
+        results.append((metrics, model.state_dict()))
+    (m0, s0), (m1, s1) = results
+    assert {k: m0[k] for k in ("val_top1", "val_top5", "best_epoch")} == {k: m1[k] for k in
+                                                                        ("val_top1", "val_top5", "best_epoch")}
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_the_best_validation_epoch_is_kept(tmp_path, loaders):
+    """The saved model is the epoch with the best validation accuracy, not the last one."""
+    out = tmp_path / "m.pt"
+    metrics = fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("cosine", lr=0.5), 4, out,
+                  spec_for({}))
+    log = [json.loads(line) for line in run_paths(out)[1].read_text().splitlines()]
+    best = max(log, key=lambda e: (e["val_top1"], -e["val_nll"], e["epoch"]))
+    assert metrics["best_epoch"] == best["epoch"] and metrics["val_top1"] == best["val_top1"]
+    model, _ = load_model(out)
+    assert evaluate(model, loaders[1])["top1"] == pytest.approx(best["val_top1"])
+    assert "top1" not in log[0]  # no per-epoch test accuracy: nothing to be tempted by
+
+
+def test_recipes_warm_up_then_decay():
+    r = get_recipe("cosine")
+    f = [lr_factor(r, i, 100) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+    assert get_recipe("adamw").optimizer == "adamw" and get_recipe("cosine").to_dict()["milestones"] == [0.625, 0.75,
+                                                                                                          0.875]
+    with pytest.raises(ConfigError, match="optimizer"):
+        get_recipe("cosine", optimizer="lion")
