@@ -8,11 +8,21 @@ from typing import Annotated
 import typer
 
 from ..compare import compare_checkpoints
+from ..data import DEFAULT_VAL_FRACTION
 from ..report import build_report
 from ..stats import run_stats
 from ..sweep import SweepConfig, run_sweep, stats_rows
-from ..vocab import EXECUTORS, METHODS, PARAM_KINDS, parse_levels, parse_methods, parse_pairs
-from .app import DataDirOpt, DeviceOpt, JsonOpt, SeedOpt, choices, command, emit, err, fmt, log
+from ..vocab import (
+    EXECUTORS,
+    FINETUNE_EPOCHS,
+    FINETUNE_LR,
+    METHODS,
+    PARAM_KINDS,
+    parse_levels,
+    parse_methods,
+    parse_pairs,
+)
+from .app import DataDirOpt, DeviceOpt, JsonOpt, SeedOpt, ValFractionOpt, choices, command, emit, err, fmt, log
 
 Executor = choices("Executor", EXECUTORS)
 ParamsKind = choices("ParamsKind", PARAM_KINDS)
@@ -40,8 +50,9 @@ def sweep(
     = None,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 12,
     distill_epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = 12,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = 2,
-    finetune_lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate [0.01].")] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = FINETUNE_EPOCHS,
+    finetune_lr: Annotated[float | None, typer.Option(help=f"Fine-tuning learning rate [{FINETUNE_LR}].")] = None,
+    val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -52,7 +63,8 @@ def sweep(
                          methods=parse_methods(methods), repeats=repeats, seed=seed, teacher_epochs=teacher_epochs,
                          distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, profile=profile,
                          device=device, data_dir=str(data_dir) if data_dir else None,
-                         options={} if finetune_lr is None else {"finetune_lr": finetune_lr})
+                         options={"val_fraction": val_fraction,
+                                  **({} if finetune_lr is None else {"finetune_lr": finetune_lr})})
     summary = run_sweep(config, executor.value, address=address, log=log)
     emit([summary], "sweep", as_json, payload=summary)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..vocab import (
+    FINETUNE_EPOCHS,
     METHODS,
     check_epochs,
     check_levels,
@@ -49,7 +50,7 @@ class SweepConfig:
     seed: int = 0
     teacher_epochs: int = 12
     distill_epochs: int = 12
-    finetune_epochs: int = 2
+    finetune_epochs: int = FINETUNE_EPOCHS
     profile: str | None = None
     device: str | None = None
     data_dir: str | None = None
