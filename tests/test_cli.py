@@ -64,6 +64,7 @@ def test_train_writes_a_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)[0]
     assert row["checkpoint"] == str(out) and 0 <= row["top1"] <= row["top5"] <= 100
+    assert 0 <= row["val_top1"] <= 100 and row["best_epoch"] == 1
     assert out.is_file() and out.with_name("lenet5.log.jsonl").is_file()
     assert not out.with_name("lenet5.state.pt").exists()
 
@@ -120,6 +121,7 @@ def test_unknown_recipe(tmp_path):
     (["--model", "lenet5", "--dataset", "cifar10"], ["--data-dir"]),
     (["--model", "lenet5", "--lr", "0"], ["--lr must be > 0"]),
     (["--model", "lenet5", "--epochs", "-1"], ["--epochs must be >= 0"]),
+    (["--model", "lenet5", "--val-fraction", "1.5"], ["--val-fraction must be a fraction in (0, 1)"]),
 ])
 def test_train_bad_input(tmp_path, args, fragments):
     assert_usage_error(run("train", *args, "--out", tmp_path / "m.pt", "--device", "cpu"), *fragments)

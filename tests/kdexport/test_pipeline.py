@@ -75,6 +75,8 @@ def test_changed_settings_are_refused_not_silently_mixed(run_dir, changed, messa
     (["--methods", "magic"], "unknown method"),
     (["--pair", "nope-pair"], "unknown pair"),
     (["--finetune-lr", "0"], "--finetune-lr must be > 0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be a fraction in (0, 1)"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["compress", "--out", str(tmp_path / "r"), *args])
