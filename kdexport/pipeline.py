@@ -41,7 +41,9 @@ from .vocab import (
     RESULTS_FILE,
     RUNS_ROOT,
     STEMS,
+    STUDENT_EPOCHS,
     STUDENT_RECIPE,
+    TEACHER_EPOCHS,
     TEACHER_FILE,
     TEACHER_RECIPE,
     check_epochs,
@@ -63,8 +65,8 @@ class RunConfig:
     pair: str
     dataset: str = "digits"
     data_dir: str | None = None
-    teacher_epochs: int = 12
-    distill_epochs: int = 12
+    teacher_epochs: int = TEACHER_EPOCHS
+    distill_epochs: int = STUDENT_EPOCHS
     finetune_epochs: int = FINETUNE_EPOCHS
     finetune_scope: str = "all"
     recipe: str = STUDENT_RECIPE  # distillation and the student-alone baseline

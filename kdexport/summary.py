@@ -113,8 +113,9 @@ def ship_line(chosen: list[tuple[str, dict[str, Any]]], fastest: list[tuple[str,
         method, row = min(fastest, key=lambda c: (c[1]["latency_b1_ms"], -c[1]["level"]))
         why = f"fastest on {backend} within tolerance, {row['latency_b1_ms']:.3f} ms at batch 1"
         note = ""
-    else:
-        method, row = min(chosen, key=lambda c: (c[1]["deployed_dense"] or c[1]["deployed_params"], -c[1]["level"]))
+    else:  # the same file size: the better validation accuracy, then the simpler (less pruned) model
+        method, row = min(chosen, key=lambda c: (c[1]["deployed_dense"] or c[1]["deployed_params"],
+                                                 -(c[1].get("val_top1") or c[1]["top1"]), c[1]["level"]))
         why = f"smallest deployed file within tolerance, {row['deployed_dense'] or row['deployed_params']:,.0f} params"
         note = f"; {DENSE_NOTE}" if any(m == "weight" and r["level"] > 0 for m, r in chosen) else ""
     what = "unpruned student" if row["level"] == 0 else f"{method}-pruned student at {row['level']:.0%}"

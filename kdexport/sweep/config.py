@@ -11,6 +11,8 @@ from typing import Any
 from ..vocab import (
     FINETUNE_EPOCHS,
     METHODS,
+    STUDENT_EPOCHS,
+    TEACHER_EPOCHS,
     check_epochs,
     check_levels,
     check_methods,
@@ -48,8 +50,8 @@ class SweepConfig:
     repeats: int = 1
     dataset: str = "digits"
     seed: int = 0
-    teacher_epochs: int = 12
-    distill_epochs: int = 12
+    teacher_epochs: int = TEACHER_EPOCHS
+    distill_epochs: int = STUDENT_EPOCHS
     finetune_epochs: int = FINETUNE_EPOCHS
     profile: str | None = None
     device: str | None = None
