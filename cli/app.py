@@ -18,7 +18,7 @@ from rich.table import Table
 from ..errors import CheckFailed, KdexportError, TrainingError
 from ..kernels import KernelConfigError
 from ..models import ModelError
-from ..vocab import RECIPE_NAMES, STEMS
+from ..vocab import FINETUNE_EPOCHS, RECIPE_NAMES, STEMS
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -85,6 +85,9 @@ DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Local datas
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 OfficialOpt = Annotated[bool, typer.Option("--official-simkd", help="SimKD exactly as the official code: the "
                                             "feature MSE alone (--cls-weight 0) and no output-BN moment match.")]
+FinetuneEpochsOpt = Annotated[int | None, typer.Option(
+    help="Fine-tuning epochs after pruning [per method: " + ", ".join(f"{m} {e}" for m, e in FINETUNE_EPOCHS.items())
+    + "].")]
 ValFractionOpt = Annotated[float, typer.Option(help="Fraction of the training part held out for validation "
                                                     "(every choice is made on it; test is only reported).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]

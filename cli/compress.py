@@ -16,7 +16,6 @@ from ..vocab import (
     BREAKPOINT_METHODS,
     DEFAULT_LEVELS,
     DEFAULT_STEM,
-    FINETUNE_EPOCHS,
     FINETUNE_LR,
     FINETUNE_SCOPES,
     METHODS,
@@ -33,6 +32,7 @@ from ..vocab import (
 from .app import (
     DataDirOpt,
     DeviceOpt,
+    FinetuneEpochsOpt,
     JsonOpt,
     OfficialOpt,
     RecipeName,
@@ -65,7 +65,7 @@ def compress(
     teacher: Annotated[Path | None, typer.Option(help="Reuse a trained teacher checkpoint.")] = None,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = TEACHER_EPOCHS,
     distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = STUDENT_EPOCHS,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = FINETUNE_EPOCHS,
+    finetune_epochs: FinetuneEpochsOpt = None,
     finetune_scope: Annotated[str, typer.Option(help="all, or head (projector only, as the paper).")] = "all",
     finetune_lr: Annotated[float, typer.Option(help=f"Fine-tuning learning rate (the {STUDENT_RECIPE} recipe "
                                                     "otherwise, no warm-up).")] = FINETUNE_LR,

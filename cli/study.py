@@ -14,7 +14,6 @@ from ..stats import run_stats
 from ..sweep import SweepConfig, run_sweep, stats_rows
 from ..vocab import (
     EXECUTORS,
-    FINETUNE_EPOCHS,
     FINETUNE_LR,
     METHODS,
     PARAM_KINDS,
@@ -24,7 +23,20 @@ from ..vocab import (
     parse_methods,
     parse_pairs,
 )
-from .app import DataDirOpt, DeviceOpt, JsonOpt, SeedOpt, ValFractionOpt, choices, command, emit, err, fmt, log
+from .app import (
+    DataDirOpt,
+    DeviceOpt,
+    FinetuneEpochsOpt,
+    JsonOpt,
+    SeedOpt,
+    ValFractionOpt,
+    choices,
+    command,
+    emit,
+    err,
+    fmt,
+    log,
+)
 
 Executor = choices("Executor", EXECUTORS)
 ParamsKind = choices("ParamsKind", PARAM_KINDS)
@@ -52,7 +64,7 @@ def sweep(
     = None,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = TEACHER_EPOCHS,
     distill_epochs: Annotated[int, typer.Option(help="Distillation epochs.")] = STUDENT_EPOCHS,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after pruning.")] = FINETUNE_EPOCHS,
+    finetune_epochs: FinetuneEpochsOpt = None,
     finetune_lr: Annotated[float | None, typer.Option(help=f"Fine-tuning learning rate [{FINETUNE_LR}].")] = None,
     val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
     data_dir: DataDirOpt = None,

@@ -33,7 +33,6 @@ from .train import train_classifier, train_run
 from .vocab import (
     BASELINE_FILE,
     DEFAULT_LEVELS,
-    FINETUNE_EPOCHS,
     FINETUNE_LR,
     FINETUNE_SCOPES,
     MANIFEST_FILE,
@@ -50,6 +49,7 @@ from .vocab import (
     check_levels,
     check_methods,
     check_repeats,
+    finetune_epochs,
     finetune_recipe,
     get_recipe,
     level_file,
@@ -67,7 +67,7 @@ class RunConfig:
     data_dir: str | None = None
     teacher_epochs: int = TEACHER_EPOCHS
     distill_epochs: int = STUDENT_EPOCHS
-    finetune_epochs: int = FINETUNE_EPOCHS
+    finetune_epochs: int | None = None  # None: per method (vocab.FINETUNE_EPOCHS)
     finetune_scope: str = "all"
     recipe: str = STUDENT_RECIPE  # distillation and the student-alone baseline
     teacher_recipe: str = TEACHER_RECIPE
@@ -230,7 +230,7 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
         if not force and path.is_file():
             _check_level_settings(path, config, cfg, finetune_recipe(cfg.finetune_lr))
         else:
-            prune_checkpoint(student, config, path, finetune_epochs=cfg.finetune_epochs,
+            prune_checkpoint(student, config, path, finetune_epochs=finetune_epochs(method, cfg.finetune_epochs),
                              finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
                              recipe=finetune_recipe(cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
                              device=cfg.device)
@@ -245,11 +245,11 @@ def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     """A finished pruned checkpoint is reused only when it was made with the same pruning settings."""
     _, spec = load_checkpoint(path)
     prune = spec.get("prune") or {}
+    epochs = finetune_epochs(config.method, cfg.finetune_epochs)
     made = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
-            prune.get("finetune_scope"), prune.get("recipe") if cfg.finetune_epochs else None,
-            prune.get("bn_recalibration"))
-    if made != (config.method, config.amount, config.scope, cfg.finetune_epochs, cfg.finetune_scope,
-                recipe.to_dict() if cfg.finetune_epochs else None, True):
+            prune.get("finetune_scope"), prune.get("recipe") if epochs else None, prune.get("bn_recalibration"))
+    if made != (config.method, config.amount, config.scope, epochs, cfg.finetune_scope,
+                recipe.to_dict() if epochs else None, True):
         raise ConfigError(f"{path} was pruned with other settings; pass --force to recompute it")
 
 

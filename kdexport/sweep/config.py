@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ..vocab import (
-    FINETUNE_EPOCHS,
     METHODS,
     STUDENT_EPOCHS,
     TEACHER_EPOCHS,
@@ -52,7 +51,7 @@ class SweepConfig:
     seed: int = 0
     teacher_epochs: int = TEACHER_EPOCHS
     distill_epochs: int = STUDENT_EPOCHS
-    finetune_epochs: int = FINETUNE_EPOCHS
+    finetune_epochs: int | None = None  # None: per method (vocab.FINETUNE_EPOCHS)
     profile: str | None = None
     device: str | None = None
     data_dir: str | None = None

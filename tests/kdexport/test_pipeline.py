@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from kdexport.cli import app
 from kdexport.errors import ConfigError
+from kdexport.pipeline import RunConfig
 from kdexport.summary import summarise
-from kdexport.vocab import parse_levels
+from kdexport.vocab import finetune_epochs, parse_levels
 
 runner = CliRunner()
 FAST = ["--pair", "lenet5:lenet300_100", "--levels", "0,0.5", "--teacher-epochs", "1", "--distill-epochs", "1",
@@ -148,3 +149,11 @@ def test_decisions_know_their_noise():
     assert "93.50 ± 0.71" in summary[0] and "spread" in summary[0]
     single = [r for r in rows if r["seed"] == 0]  # one repeat: 1.0-point drop, exactly at the tolerance
     assert summarise(single, 0.9)[0]["channel"][0]["breakpoint"]
+
+
+def test_fine_tuning_budget_per_method():
+    assert (finetune_epochs("weight"), finetune_epochs("channel")) == (2, 10)  # from the recovery curves
+    assert finetune_epochs("channel", 3) == 3 and finetune_epochs("weight", 0) == 0  # --finetune-epochs sets both
+    assert RunConfig(pair="lenet5:lenet300_100").finetune_epochs is None
+    with pytest.raises(ConfigError, match="--finetune-epochs"):
+        RunConfig(pair="lenet5:lenet300_100", finetune_epochs=-1)
