@@ -1,13 +1,16 @@
 """CPU cost of one SimKD training step against one plain (cross-entropy) training step of the same student.
 
 SimKD step: teacher.forward_features (no grad) + student backbone + projector + MSE + backward + SGD step.
-Plain step: student forward + cross-entropy + backward + SGD step. Both use the project's own step functions
+Plain step: student forward + cross-entropy + backward + SGD step. Teacher step: the same for the teacher, the
+cost of the first stage. The projector's middle conv is what `kdexport distill` builds (`--projector-kernel auto`:
+1x1 where the student's map is 1x1), or forced to 1 or 3. All use the project's own step functions
 (`kdexport.distill.distillation_step`, `kdexport.train.ce_step`) on a batch of real digits images (32x32).
 The two are interleaved step by step after a warm-up, so load changes on a shared machine hit both alike;
 the ratio is of medians from the same run.
 
     python benchmarks/bench_distill_step.py                      # dens169-mobilenet, batch 64, imagenet stem
     python benchmarks/bench_distill_step.py --stem both --steps 10
+    python benchmarks/bench_distill_step.py --projector-kernel both --teacher-step   # 1x1 vs 3x3 projector
 """
 
 from __future__ import annotations
@@ -51,15 +54,24 @@ def train_step(model, step, opt, sched, x, y) -> None:
 
 
 def bench_stem(pair: models.Pair, stem: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-               factor: int) -> list[dict]:
+               factor: int, kernel: str, teacher_step: bool) -> list[dict]:
     torch.manual_seed(0)
     teacher = models.create_model(pair.teacher, 10, stem=stem)
-    distilled = DistilledStudent.from_models(teacher, models.create_model(pair.student, 10, stem=stem), factor)
+    student = models.create_model(pair.student, 10, stem=stem)
+    auto = models.projector_kernel(student, tuple(x.shape[1:]))
+    kernels = {"auto": [auto], "both": [1, 3]}.get(kernel) or [int(kernel)]
+    distilled = {k: DistilledStudent.from_models(teacher, models.create_model(pair.student, 10, stem=stem), factor, k)
+                 for k in kernels}
     plain = models.create_model(pair.student, 10, stem=stem)
-    simkd = distillation_step(distilled, teacher, "simkd")  # puts the teacher in eval mode, frozen
+    trained_teacher = models.create_model(pair.teacher, 10, stem=stem)
     recipe = get_recipe("simkd")
     runs = {}
-    for name, model, step in [("SimKD step", distilled, simkd), ("plain CE step", plain, ce_step)]:
+    kinds = [(f"SimKD step ({k}x{k} projector{', the default' if k == auto else ''})", d,
+              distillation_step(d, teacher, "simkd")) for k, d in distilled.items()]  # the teacher: eval, frozen
+    kinds.append(("plain CE step", plain, ce_step))
+    if teacher_step:
+        kinds.append(("teacher CE step", trained_teacher, ce_step))
+    for name, model, step in kinds:
         model.train()
         opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe, 1, steps + warmup)
         runs[name] = (model, step, opt, sched)
@@ -97,6 +109,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stem", choices=["imagenet", "cifar", "both"], default="imagenet")
     parser.add_argument("--projector-factor", type=int, default=2)
+    parser.add_argument("--projector-kernel", choices=["auto", "1", "3", "both"], default="auto",
+                        help="the projector's middle conv: auto is what `kdexport distill` builds; both times 1 and 3")
+    parser.add_argument("--teacher-step", action="store_true", help="also time the teacher's own training step")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     args = parser.parse_args()
     if args.threads:
@@ -107,7 +122,7 @@ def main() -> None:
     y = torch.arange(len(x)) % 10
     stems = ["imagenet", "cifar"] if args.stem == "both" else [args.stem]
     rows = [r for stem in stems for r in bench_stem(pair, stem, x, y, args.steps, args.warmup,
-                                                     args.projector_factor)]
+                                                     args.projector_factor, args.projector_kernel, args.teacher_step)]
 
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"### {pair.name} ({pair.teacher} -> {pair.student}): one training step, batch {len(x)}, "

@@ -89,7 +89,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     common = dict(num_classes=spec["num_classes"], stem=spec["stem"], input_size=tuple(spec["input_size"]))
     if spec["kind"] == "distilled":
         model = DistilledStudent.from_names(spec["teacher"], spec["student"],
-                                            projector_factor=spec["projector_factor"], **common)
+                                            projector_factor=spec["projector_factor"],
+                                            projector_kernel=spec.get("projector_kernel", 3), **common)
     else:
         model = models.create_model(spec["model"], **common)
     if spec.get("structure"):

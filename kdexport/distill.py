@@ -157,7 +157,10 @@ def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: Distil
     common = {"pair": pair.name, "teacher": pair.teacher, "student": pair.student,
               "distill": distill_settings(config)}
     if config.method == "simkd":
-        return {"kind": "distilled", **keep, **common, "projector_factor": config.projector_factor}
+        student = models.create_model(pair.student, keep["num_classes"], stem=keep["stem"],
+                                      input_size=tuple(keep["input_size"]))
+        return {"kind": "distilled", **keep, **common, "projector_factor": config.projector_factor,
+                "projector_kernel": models.projector_kernel(student, tuple(keep["input_size"]))}
     return {"kind": "model", **keep, **common, "model": pair.student}
 
 
@@ -166,7 +169,7 @@ def new_student(spec: dict[str, Any], teacher: nn.Module) -> nn.Module:
     s = models.create_model(spec["student"], spec["num_classes"], stem=spec["stem"],
                             input_size=tuple(spec["input_size"]))
     if spec["kind"] == "distilled":
-        return DistilledStudent.from_models(teacher, s, spec["projector_factor"])
+        return DistilledStudent.from_models(teacher, s, spec["projector_factor"], spec["projector_kernel"])
     return s
 
 

@@ -117,6 +117,41 @@ def test_projector_structure():
     assert out.shape == (2, 512, 3, 3) and out.min() >= 0
 
 
+def test_projector_kernel_follows_the_students_last_map():
+    """1x1 where the student ends at 1x1 (every zoo student at 32 px, ImageNet stem); 3x3 where the map has extent."""
+    assert models.projector_kernel(models.create_model("mobilenet"), (3, 32, 32)) == 1
+    assert models.projector_kernel(models.create_model("resnet18"), (3, 64, 64)) == 3
+    wide = models.create_model("resnet18", stem="cifar", input_size=(3, 32, 32)).train()
+    assert models.projector_kernel(wide, (3, 32, 32)) == 3 and wide.training  # mode restored
+
+
+def test_a_1x1_projector_computes_what_a_3x3_one_computes_on_1x1_maps():
+    """The eight outer taps of a padded 3x3 conv only ever multiply padding on a 1x1 map."""
+    torch.manual_seed(0)
+    p3 = build_projector(16, 32, kernel=3).eval()
+    torch.manual_seed(0)
+    p1 = build_projector(16, 32, kernel=1).eval()  # starts as the 3x3 conv's centre tap: the same start
+    assert torch.equal(p1[3].weight, p3[3].weight[:, :, 1:2, 1:2]) and torch.equal(p1[0].weight, p3[0].weight)
+    x = torch.randn(4, 16, 1, 1)
+    torch.testing.assert_close(p1(x), p3(x))
+    assert n_params(p3) - n_params(p1) == 16 * 16 * 8
+    with pytest.raises(models.ModelError, match="1x1 or 3x3"):
+        build_projector(16, 32, kernel=5)
+
+
+def test_distilled_checkpoints_record_their_projector_kernel(teacher_ckpt, tmp_path):
+    """A new SimKD checkpoint records its kernel; a spec without one (written before) rebuilds the 3x3 projector."""
+    from kdexport.checkpoint import build_model, load_checkpoint
+
+    out = tmp_path / "s.pt"
+    distill(teacher_ckpt, "lenet5:mobilenet", out, config=DistillConfig(), recipe=get_recipe("simkd"), epochs=1)
+    _, spec = load_checkpoint(out)
+    assert spec["projector_kernel"] == 1
+    assert build_model(spec).projector[3].kernel_size == (1, 1)
+    old = {k: v for k, v in spec.items() if k != "projector_kernel"}
+    assert build_model(old).projector[3].kernel_size == (3, 3)
+
+
 def test_res101_res18_projector_outweighs_the_student():
     """The DESIGN's warning: with f=2 the projector (~12.07M) is larger than ResNet-18's backbone."""
     proj = n_params(build_projector(512, 2048, factor=2))
