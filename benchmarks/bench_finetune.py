@@ -1,8 +1,11 @@
 """How much fine-tuning a pruned student needs: validation top-1 after each fine-tuning epoch, per lr and schedule.
 
     python benchmarks/bench_finetune.py RUN_DIR [--case METHOD:LEVEL:LR:SCHEDULE:EPOCHS ...] [--seeds 0,1,2]
+    python benchmarks/bench_finetune.py runs_s0 runs_s1 runs_s2 --case channel:0.5:0.01:cosine:16
 
-RUN_DIR is a `kdexport compress` run directory (its student.pt and teacher.pt are used as they are). Each case
+RUN_DIR is a `kdexport compress` run directory (its student.pt and teacher.pt are used as they are). With one,
+the spread is over fine-tuning `--seeds` of that one student. With several (say one per `compress --seed`), each
+is fine-tuned with its own run's seed (from its manifest), and the spread covers the whole pipeline. Each case
 prunes the student (L1, the pipeline's default scope: global for weight, per layer for channel, round_to 8),
 re-estimates BatchNorm statistics, fine-tunes it with the pipeline's fine-tuning recipe (kdexport.vocab.
 finetune_recipe) at LR under SCHEDULE (constant, cosine or step), EPOCHS epochs, and reads the validation top-1
@@ -46,13 +49,17 @@ def run_case(run_dir: Path, case: str, out: Path, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("--case", action="append", help="METHOD:LEVEL:LR:SCHEDULE:EPOCHS (repeatable)")
-    parser.add_argument("--seeds", default="0", help="comma list of fine-tuning seeds")
+    parser.add_argument("--seeds", default="0", help="comma list of fine-tuning seeds (one RUN_DIR only)")
     args = parser.parse_args()
-    cases, seeds = args.case or DEFAULT_CASES, [int(s) for s in args.seeds.split(",")]
+    cases = args.case or DEFAULT_CASES
+    if len(args.run_dirs) == 1:
+        jobs = [(args.run_dirs[0], int(s)) for s in args.seeds.split(",")]
+    else:
+        jobs = [(d, json.loads((d / "manifest.json").read_text())["config"]["seed"]) for d in args.run_dirs]
     with tempfile.TemporaryDirectory() as out:
-        runs = {case: [run_case(args.run_dir, case, Path(out), seed) for seed in seeds] for case in cases}
+        runs = {case: [run_case(d, case, Path(out), seed) for d, seed in jobs] for case in cases}
     width = max(len(r["curve"]) for rs in runs.values() for r in rs) or 1
     print("| method | level | lr | schedule | " + " | ".join(f"val epoch {e}" for e in range(1, width + 1))
           + " | kept: val top-1 | kept: test top-1 | seconds |")
