@@ -56,7 +56,9 @@ export TRITON_INTERPRET
 unset PIP_FIND_LINKS  # only the wheel folder named here
 START=$SECONDS FAILED=0
 MODE=$([ $DRY = 1 ] && echo "DRY RUN (no GPU: CPU parts only, timings meaningless)" || echo "GPU run")
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git metadata)")
+# the device copy of the tree may have no .git: then GPU_CHECK_COMMIT, or what gpu_wheels.sh recorded
+COMMIT=$(git describe --always --dirty 2>/dev/null || echo "${GPU_CHECK_COMMIT:-$(cat "$WHEELS/commit.txt" 2>/dev/null \
+    || echo unknown)} (no git metadata here)")
 {
     echo "gpu_check.sh: $MODE; $(date -u '+%Y-%m-%d %H:%M UTC'); commit $COMMIT; budget ${BUDGET}s"
     printf '%-5s %-26s %7s  %-19s %s\n' step part seconds log status

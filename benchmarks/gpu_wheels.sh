@@ -20,5 +20,6 @@ for version in 3.10 3.11 3.12; do
         --platform any -d "$DIR" "${PACKAGES[@]}"
 done
 printf '%s\n' "${PACKAGES[@]}" >"$DIR/requirements.txt"
+git -C "$ROOT" describe --always --dirty >"$DIR/commit.txt" 2>/dev/null || rm -f "$DIR/commit.txt"  # for the summary
 ls -l "$DIR"
 echo "total: $(du -sk "$DIR" | cut -f1) KiB in $DIR (the device tool carries at most 64 MiB with the tree)"
