@@ -85,10 +85,11 @@ def profile_table(model: str, files: list[Path]) -> str:
     """torch vs torch-sparse p50/p90 per (sparsity, batch), the ratio from the same run of the script."""
     runs: dict[tuple[str, str], dict] = {}
     for path in files:
-        if not path.stat().st_size:  # a refused or failed run leaves its output file empty
-            continue
         _, sparsity, backend = path.stem.split("-", 2)
-        runs[(sparsity, backend)] = json.loads(path.read_text())
+        try:
+            runs[(sparsity, backend)] = json.loads(path.read_text())
+        except ValueError:  # a refused, failed or cut-short run leaves its output empty or partial
+            print(f"{path.name}: no complete result, left out", file=sys.stderr)
     if not runs:
         return "\n## End to end: no profile result\n"
     any_run = next(iter(runs.values()))
