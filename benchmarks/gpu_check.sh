@@ -15,7 +15,8 @@
 #   results.jsonl one JSON object per bench_spmm part and per profile run
 #   1-install.log 2-versions.log 3-kernel-tests.log 4-bench.log 5-profile.log
 # GPU mode installs into the running python3's environment (the image's; its torch is never touched: every
-# install is --no-deps --no-index). The dry run installs the wheels into a scratch --target and builds nothing.
+# install is --no-deps --no-index). The dry run installs the wheels into a scratch --target, only asks pip
+# (--dry-run) whether the project would install, and so changes nothing in the environment.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
         --steps) STEPS=${2:?--steps needs a comma list, e.g. 1,2,4}; shift ;;
         --wheels) WHEELS=${2:?--wheels needs a folder}; shift ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; usage ;;
         *) [ -z "$OUTDIR" ] || usage; OUTDIR=$1 ;;
     esac
