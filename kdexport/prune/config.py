@@ -24,6 +24,8 @@ class PruneConfig:
     - `round_to`: channel pruning keeps a multiple of this many channels per layer (1: no rounding).
     - `steps`: iterative pruning, each step removing 1 - (1 - amount) ** (1 / steps) of what remains, with
       fine-tuning between steps (in `prune_checkpoint`); without training between, k steps equal one.
+    - `min_layer_density`: global weight pruning keeps at least this fraction of every layer's weights
+      (0: plain global L1; at most 1 - amount is used). Without it, 90% global L1 emptied a SimKD projector and left the student at chance.
     - `rewind`: lottery-ticket rewinding, after each pruning step the survivors go back to their
       post-distillation values (the input checkpoint's) before fine-tuning; a no-op when steps == 1.
     """
@@ -34,6 +36,7 @@ class PruneConfig:
     round_to: int = 8
     steps: int = 1
     rewind: bool = False
+    min_layer_density: float = 0.02
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -49,6 +52,9 @@ class PruneConfig:
             raise ConfigError(f"--round-to must be an integer >= 1 (1: no rounding), got {self.round_to!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if isinstance(self.min_layer_density, bool) or not isinstance(self.min_layer_density, int | float) or not (
+                0 <= self.min_layer_density <= 1):
+            raise ConfigError(f"min_layer_density must be a fraction in [0, 1], got {self.min_layer_density!r}")
         if not isinstance(self.rewind, bool):
             raise ConfigError(f"rewind must be true or false, got {self.rewind!r}")
         object.__setattr__(self, "amount", float(self.amount))

@@ -6,6 +6,8 @@ projector included; its frozen teacher classifier stays whole (fine-tuning could
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -39,8 +41,9 @@ def _mask_zeros_(layers: list[nn.Module]) -> None:
 def prune_weights_(model: nn.Module, config: PruneConfig) -> None:
     """Mask the `config.amount` fraction of still-unpruned conv/linear weights with the smallest |w|.
 
-    scope "global": one ranking over all layers (prune.global_unstructured + L1Unstructured); "layer": every
-    layer loses `amount` of its own weights (prune.l1_unstructured). Masks stay in force (forward pre-hooks)
+    scope "global": one |w| ranking over all layers, except that every layer keeps at least
+    `config.min_layer_density` of its weights (`_global_l1_with_floor_`); "layer": every layer loses
+    `amount` of its own weights (prune.l1_unstructured). Masks stay in force (forward pre-hooks)
     until `remove_masks_`; pruning again prunes further. `config.steps` is not used here: without training
     between steps, k magnitude steps give exactly the same mask as one.
     """
@@ -53,11 +56,48 @@ def prune_weights_(model: nn.Module, config: PruneConfig) -> None:
     if config.amount == 0:
         return
     if config.scope == "global":
-        prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured,
-                                  amount=config.amount)
+        _global_l1_with_floor_(layers, config.amount, config.min_layer_density)
     else:
         for m in layers:
             prune.l1_unstructured(m, "weight", amount=config.amount)
+
+
+@torch.no_grad()
+def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float) -> None:
+    """Global L1 (the paper's criterion) that cannot empty a layer: mask `amount` of the unpruned weights.
+
+    Each layer first keeps its ceil(floor * size) largest unpruned weights (all of them if it has fewer left, so
+    pruning again never goes below the floor); the rest of the budget goes to the largest remaining |w| over all
+    layers, as in `prune.global_unstructured`. Plain global L1
+    ranks raw magnitudes, which differ in scale from layer to layer: at 90% it masked all of MobileNet's SimKD
+    projector (1x1 convs with small weights), the student's output became a constant, and it stayed at chance
+    after fine-tuning. With floor 0 this is exactly global L1.
+    """
+    weights = [m.weight.detach() for m in layers]  # masked weights read zero
+    alive = [(m.weight_mask if prune.is_pruned(m) else torch.ones_like(w)).bool() for m, w in zip(layers, weights)]
+    counts = [int(a.sum()) for a in alive]
+    keep_total = round((1.0 - amount) * sum(counts))
+    scores = [torch.where(a, w.abs().float(), torch.full_like(w, -1.0, dtype=torch.float)).flatten()
+              for a, w in zip(alive, weights)]
+    reserved = []
+    for score, n in zip(scores, counts):
+        k = min(n, math.ceil(min(floor, 1.0 - amount) * score.numel()))
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            mask[score.topk(k).indices] = True
+        reserved.append(mask)
+    rest = keep_total - sum(int(r.sum()) for r in reserved)
+    if rest > 0:
+        pooled = torch.cat([torch.where(r, torch.full_like(s, -1.0), s) for r, s in zip(reserved, scores)])
+        chosen = torch.zeros_like(pooled, dtype=torch.bool)
+        chosen[pooled.topk(rest).indices] = True
+        chosen &= pooled >= 0  # never revive a pruned weight
+        offsets = 0
+        for r in reserved:
+            r |= chosen[offsets:offsets + r.numel()]
+            offsets += r.numel()
+    for m, w, r in zip(layers, weights, reserved):
+        prune.custom_from_mask(m, "weight", r.view_as(w))
 
 
 def remove_masks_(model: nn.Module) -> None:

@@ -120,3 +120,44 @@ def test_channel_rewinding_replays_the_same_channels():
     assert structure_of(original) == structure_of(model)
     for a, b in zip(prunable_layers(original), prunable_layers(model), strict=True):
         assert torch.equal(a.weight * 2, b.weight)
+
+
+# ---------------------------------------------------------------------------------- the layer floor
+def tiny_layer_net() -> torch.nn.Module:
+    """Three layers, the middle one of tiny weights (as a SimKD projector next to a backbone)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 1),
+                              torch.nn.Flatten(), torch.nn.Linear(32 * 6 * 6, 10))
+    with torch.no_grad():
+        net[2].weight.mul_(1e-3)
+    return net
+
+
+def masks(net) -> list[torch.Tensor]:
+    return [net[i].weight_mask for i in (0, 2, 4)]
+
+
+def test_floor_zero_is_torch_global_l1():
+    plain, ours = tiny_layer_net(), tiny_layer_net()
+    torch_prune.global_unstructured([(plain[i], "weight") for i in (0, 2, 4)], torch_prune.L1Unstructured, amount=0.9)
+    prune_weights_(ours, PruneConfig("weight", 0.9, min_layer_density=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(masks(plain), masks(ours)))
+    assert masks(ours)[1].sum() == 0  # plain global L1 empties the tiny layer: the failure the floor prevents
+
+
+def test_the_floor_keeps_every_layer_alive_at_the_same_total():
+    net = tiny_layer_net()
+    prune_weights_(net, PruneConfig("weight", 0.9))  # default floor 2%
+    kept = [int(m.sum()) for m in masks(net)]
+    sizes = [m.numel() for m in masks(net)]
+    assert kept[1] == -(-sizes[1] * 2 // 100)  # ceil(2% of 512): the floor, nothing more (its weights are tiny)
+    assert sum(kept) == round(0.1 * sum(sizes))  # the global amount is unchanged
+    before = [m.clone().bool() for m in masks(net)]
+    prune_weights_(net, PruneConfig("weight", 0.5))  # pruning again never goes below the floor
+    assert int(masks(net)[1].sum()) == kept[1]
+    assert all(not (new.bool() & ~old).any() for new, old in zip(masks(net), before))  # nothing pruned comes back
+
+
+def test_min_layer_density_is_checked():
+    with pytest.raises(Exception, match="min_layer_density"):
+        PruneConfig("weight", 0.5, min_layer_density=1.5)
