@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,12 @@ def load_checkpoint(path: str | Path, with_extra: bool = False):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         # only a disallowed GLOBAL means pickled objects; random bytes also fail inside the weights-only unpickler
-        reason = ("it holds pickled Python objects, which are never loaded" if _pickled(path, exc)
+        reason = ("it holds pickled objects, which are never loaded" if _pickled(path, exc)
                   else "it is truncated or corrupt")
         raise CheckpointError(f"cannot load {path}: {reason}; only kdexport checkpoints can be loaded") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("spec"), str):
