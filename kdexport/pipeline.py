@@ -25,8 +25,8 @@ from .checkpoint import load_checkpoint, load_model, write_json
 from .data import DEFAULT_VAL_FRACTION, check_val_fraction
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
-from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
 from .lock import output_lock
+from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
 from .preflight import check_device, check_output
 from .profile import ProfileConfig, profile
 from .prune import PruneConfig, prune_checkpoint
@@ -188,8 +188,8 @@ def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs
     run = train_run(model, cfg.seed, epochs, recipe, cfg.val_fraction)
     if not _reusable(path, run, force):
         metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
-                                   stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device, resume=False if force else None,
-                                   val_fraction=cfg.val_fraction)
+                                   stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
+                                   resume=False if force else None, val_fraction=cfg.val_fraction)
         record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 

@@ -60,7 +60,7 @@ def test_sigkilled_train_continues_on_a_plain_rerun_and_ends_like_an_uninterrupt
     assert logged_epochs(log) == [1]
     rerun = cli("train", *TRAIN, "--out", out)  # no flag
     assert rerun.returncode == 0, rerun.stderr
-    assert f"continuing the interrupted run of m.pt at epoch 2/2" in rerun.stderr
+    assert "continuing the interrupted run of m.pt at epoch 2/2" in rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert logged_epochs(log) == [1, 2]  # the killed run's epoch is kept, none repeated
     a, b = load_checkpoint(tmp_path / "whole.pt")[0], load_checkpoint(out)[0]
@@ -220,7 +220,8 @@ def test_user_errors_in_a_real_process_print_one_line_and_no_traceback(tmp_path)
     plain = tmp_path / "plain.pt"
     plain.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
     (tmp_path / "bad.onnx").write_bytes(b"\x00junk" * 10)
-    probes = [["train", "--model", "lenet5", "--device", "tpu"], ["evaluate", plain], ["profile", tmp_path / "bad.onnx"]]
+    probes = [["train", "--model", "lenet5", "--device", "tpu"], ["evaluate", plain],
+              ["profile", tmp_path / "bad.onnx"]]
     for args in probes:
         res = cli(*args)
         assert res.returncode == 2, (args, res.stderr)

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..errors import ConfigError, KdexportError, TrainingError
 from ..lock import output_lock
-from ..preflight import check_device, check_output
 from ..models import ModelError
+from ..preflight import check_device, check_output
 from ..vocab import EXECUTORS, STORE_NAME
 from .config import Cell, SweepConfig
 from .runner import PipelineRunner, Runner, run_cell, run_stage
