@@ -162,7 +162,7 @@ def fit(
     An interrupted run of the same identity (`spec["run"]`) is continued from its state file; `resume=True`
     refuses to start over when there is none, `resume=False` starts over. Only one process writes `out` at a time.
     """
-    with output_lock(out):
+    with output_lock(check_output(out)):
         return _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, Path(out), spec,
                     params=params, device=device, seed=seed, resume=resume, label=label, after_step=after_step)
 
@@ -171,7 +171,6 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
          resume, label, after_step) -> dict[str, float]:
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
-    check_output(out)
     if epochs == 0:
         stderr.print(f"[{label}] --epochs 0: writing the untrained model to {out} (nothing is trained)")
     device = torch.device(device)

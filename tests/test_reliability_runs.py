@@ -113,8 +113,8 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     while time.time() < deadline and first.poll() is None and not logged_epochs(log):
         time.sleep(0.02)
     second = cli("train", *TRAIN, "--epochs", "50", "--out", out)
-    assert first.poll() is None, "the first writer must still be running for this probe"
     assert second.returncode == 2, second.stderr
+    assert first.poll() is None, "the first writer must still be running for this probe"
     assert f"being written by pid {first.pid} on " in second.stderr and "Traceback" not in second.stderr
     first.kill()
     first.wait()
@@ -130,8 +130,8 @@ def test_two_sweeps_on_one_store_one_is_refused(tmp_path):
     while time.time() < deadline and first.poll() is None and not lock_file(tmp_path / "results.sqlite").is_file():
         time.sleep(0.02)
     second = cli(*args)
-    assert first.poll() is None, "the first sweep must still be running for this probe"
     assert second.returncode == 2 and f"being written by pid {first.pid}" in second.stderr, second.stderr
+    assert first.poll() is None, "the first sweep must still be running for this probe"
     first.kill()
     first.wait()
 
