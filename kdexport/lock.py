@@ -36,6 +36,7 @@ def lock_file(path: str | Path, directory: bool = False) -> Path:
 def output_lock(path: str | Path, *, directory: bool = False) -> Iterator[None]:
     """Hold the write lock of `path` for the block; OutputBusy (one line: holder pid and host) if it is taken."""
     lock = lock_file(path, directory)
+    created = [d for d in (lock.parent, *lock.parent.parents) if not d.exists()]  # deepest first
     lock.parent.mkdir(parents=True, exist_ok=True)
     key = str(lock.resolve())
     if key in _held:
@@ -45,7 +46,11 @@ def output_lock(path: str | Path, *, directory: bool = False) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    fd = _acquire(lock, path)
+    try:
+        fd = _acquire(lock, path)
+    except BaseException:
+        _remove_empty(created)
+        raise
     _held[key] = 1
     try:
         yield
@@ -54,6 +59,15 @@ def output_lock(path: str | Path, *, directory: bool = False) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # still ours: whoever opens it next sees a new inode and retries (see _acquire)
         os.close(fd)
+        _remove_empty(created)  # a run that failed before writing anything leaves no empty directory behind
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something was written), or not ours to remove
+            return
 
 
 def _acquire(lock: Path, path: str | Path) -> int:
