@@ -18,6 +18,7 @@ from rich.table import Table
 from ..errors import CheckFailed, KdexportError, TrainingError
 from ..kernels import KernelConfigError
 from ..models import ModelError
+from ..preflight import DEVICE_HINT, check_device
 from ..vocab import FINETUNE_EPOCHS, RECIPE_NAMES, STEMS
 
 app = typer.Typer(help="Distil, prune, export and profile image classifiers for small devices.",
@@ -35,6 +36,7 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_device(kwargs.get("device"))  # every command with --device, before any work
             return fn(*args, **kwargs)
         except (CheckFailed, TrainingError) as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -90,7 +92,7 @@ FinetuneEpochsOpt = Annotated[int | None, typer.Option(
     + "].")]
 ValFractionOpt = Annotated[float, typer.Option(help="Fraction of the training part held out for validation "
                                                     "(every choice is made on it; test is only reported).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DeviceOpt = Annotated[str, typer.Option(help=f"Where to run: {DEVICE_HINT.removeprefix('use ')}.")]
 
 Stem = choices("Stem", STEMS)
 RecipeName = choices("RecipeName", RECIPE_NAMES)

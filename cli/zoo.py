@@ -41,8 +41,9 @@ RecipeOpt = Annotated[RecipeName, typer.Option(help="Hyper-parameter recipe.")]
 LrOpt = Annotated[float | None, typer.Option(help="Override the recipe's learning rate.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="Override the recipe's batch size.")]
 WeightDecayOpt = Annotated[float | None, typer.Option(help="Override the recipe's weight decay.")]
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last epoch.")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs (0 writes the untrained model, and says so).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Refuse to start over: fail unless there is an interrupted run of "
+                                               "these settings to continue (a plain rerun continues one anyway).")]
 
 
 @command
@@ -91,7 +92,7 @@ def train(
                                recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size,
                                                  weight_decay=weight_decay),
                                seed=seed, stem=stem.value, data_dir=data_dir,
-                               pretrained=str(pretrained) if pretrained else None, device=device, resume=resume,
+                               pretrained=str(pretrained) if pretrained else None, device=device, resume=resume or None,
                                download=download, val_fraction=val_fraction)
     emit([{"checkpoint": str(path), **metrics}], "trained", as_json)
 
@@ -127,7 +128,7 @@ def distill(
     path = out or teacher.with_name(STUDENT_FILE)
     metrics = run_distill(teacher, pair, path, config=config,
                           recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
-                          epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume)
+                          epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume or None)
     emit([{"checkpoint": str(path), **metrics}], "distilled", as_json)
 
 

@@ -23,6 +23,7 @@ from .checkpoint import load_model
 from .data import DEFAULT_VAL_FRACTION
 from .errors import CheckpointError, ConfigError
 from .models import DistilledStudent, build_projector
+from .preflight import check_device, check_output
 from .train import fit, pick_device, seed_everything, split_loaders
 from .vocab import DISTILL_METHODS
 
@@ -179,8 +180,10 @@ __all__ = ["DistillConfig", "DistilledStudent", "build_projector", "align", "kd_
 
 def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *, config: DistillConfig, recipe,
             epochs: int, seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
-            resume: bool = False) -> dict[str, float]:
+            resume: bool | None = None) -> dict[str, float]:
     """Distil the pair's student from a trained teacher checkpoint; writes a student checkpoint at `out`."""
+    check_output(out, inputs=(teacher_ckpt,))
+    check_device(device)
     teacher, tspec = load_model(teacher_ckpt)
     if tspec["kind"] != "model":
         raise CheckpointError(f"{teacher_ckpt} is a {tspec['kind']} checkpoint; the teacher must be a trained "

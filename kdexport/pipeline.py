@@ -25,9 +25,12 @@ from .checkpoint import load_checkpoint, load_model, write_json
 from .data import DEFAULT_VAL_FRACTION, check_val_fraction
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
+from .lock import output_lock
 from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
+from .preflight import check_device, check_output
 from .profile import ProfileConfig, profile
 from .prune import PruneConfig, prune_checkpoint
+from .runid import check_same_run
 from .summary import reference_lines, summarise
 from .train import train_classifier, train_run
 from .vocab import (
@@ -149,13 +152,8 @@ def _reusable(path: Path, run: dict[str, Any], force: bool) -> bool:
     """True when `path` is a finished stage made by the same configuration; error when made by another."""
     if force or not path.is_file():
         return False
-    run = json.loads(json.dumps(run))  # as stored: tuples become lists
     _, spec = load_checkpoint(path)
-    if spec.get("run") != run:
-        changed = sorted(k for k in set(run) | set(spec.get("run") or {}) if run.get(k) != (spec.get("run") or
-                                                                                               {}).get(k))
-        raise ConfigError(f"{path} was made with other settings ({', '.join(changed) or 'unknown'}); "
-                          "pass --force to recompute it or --out for a new run directory")
+    check_same_run(str(path), spec.get("run"), run, "pass --force to recompute it or --out for a new run directory")
     return True
 
 
@@ -190,8 +188,8 @@ def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs
     run = train_run(model, cfg.seed, epochs, recipe, cfg.val_fraction)
     if not _reusable(path, run, force):
         metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
-                                   stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device, resume=not force,
-                                   val_fraction=cfg.val_fraction)
+                                   stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
+                                   resume=False if force else None, val_fraction=cfg.val_fraction)
         record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 
@@ -206,7 +204,7 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,
-                          seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=not force)
+                          seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=False if force else None)
         record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 
@@ -247,11 +245,11 @@ def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     _, spec = load_checkpoint(path)
     prune = spec.get("prune") or {}
     epochs = finetune_epochs(config.method, cfg.finetune_epochs)
-    made = (prune.get("method"), prune.get("amount"), prune.get("scope"), prune.get("finetune_epochs"),
-            prune.get("finetune_scope"), prune.get("recipe") if epochs else None, prune.get("bn_recalibration"))
-    if made != (config.method, config.amount, config.scope, epochs, cfg.finetune_scope,
-                recipe.to_dict() if epochs else None, True):
-        raise ConfigError(f"{path} was pruned with other settings; pass --force to recompute it")
+    wanted = {"method": config.method, "amount": config.amount, "scope": config.scope, "finetune_epochs": epochs,
+              "finetune_scope": cfg.finetune_scope, "recipe": recipe.to_dict() if epochs else None,
+              "bn_recalibration": True}
+    made = {k: prune.get(k) for k in wanted} | ({} if epochs else {"recipe": None})
+    check_same_run(str(path), made, wanted, "pass --force to recompute it")
 
 
 def measure(path: Path, cfg: RunConfig) -> dict[str, Any]:
@@ -297,8 +295,13 @@ def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: in
     methods = check_methods(methods)
     check_repeats(repeats)
     levels = check_levels(levels)
-    run_dir = Path(run_dir or default_run_dir(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_output(run_dir or default_run_dir(cfg), inputs=(cfg.teacher,), directory=True)
+    check_device(cfg.device)
+    with output_lock(run_dir, directory=True):
+        return _compress(cfg, methods, levels, repeats, run_dir, force, log)
+
+
+def _compress(cfg: RunConfig, methods, levels, repeats: int, run_dir: Path, force: bool, log) -> CompressResult:
     cells = [(m, lv, r) for r in range(repeats) for m in methods for lv in levels]
     log(f"run directory {run_dir}: teacher {cfg.pair_spec.teacher}, student {cfg.pair_spec.student}")
     ensure_student(cfg, run_dir, force)

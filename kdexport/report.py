@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DataError
 from .metrics import find_breakpoint
+from .preflight import check_output
 from .stats import read_results_csv, run_stats
 from .sweep.store import read_store
 from .vocab import PARAM_COLUMNS
@@ -284,6 +285,7 @@ def build_report(results: str | Path, out: str | Path, *, dataset: str | None = 
     else:
         rows, stages = read_store(results, dataset)
         conventions = dict(PARAM_COLUMNS)
+    check_output(out, inputs=(results,), directory=True)
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[Path, str]] = []
     notes: list[str] = []

@@ -43,6 +43,18 @@ def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"results file not found: {path}; pass a CSV with {COLUMNS_HINT}")
+    try:
+        rows = _read_csv(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; save it as a UTF-8 CSV with {COLUMNS_HINT}") from None
+    except csv.Error as exc:
+        raise DataError(f"{path} is not a readable CSV ({exc}); pass a CSV with {COLUMNS_HINT}") from None
+    if not rows:
+        raise DataError(f"{path} has no data rows; {COLUMNS_HINT}")
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [c.strip() for c in reader.fieldnames or []]
@@ -51,15 +63,13 @@ def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} lacks column(s) {','.join(missing)}; {COLUMNS_HINT}")
         reader.fieldnames = header
         rows = []
-        for raw in reader:
+        for n, raw in enumerate(reader, 1):  # row n: the n-th data row, as _normalise counts them
             row = {c: (raw[c] or "").strip() for c in (*REQUIRED, *OPTIONAL) if c in header}
             try:
                 rows.append(_typed(row))
             except (ValueError, TypeError):
-                raise DataError(f"{path} line {reader.line_num}: bad value in {row}; {COLUMNS_HINT} "
+                raise DataError(f"{path} row {n} (line {reader.line_num}): bad value in {row}; {COLUMNS_HINT} "
                                 "(accuracy, params, level numbers; repeat an integer)") from None
-    if not rows:
-        raise DataError(f"{path} has no data rows; {COLUMNS_HINT}")
     return rows
 
 
@@ -88,18 +98,18 @@ def _normalise(rows: Iterable[Any]) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         values = {c: _field(row, c) for c in (*REQUIRED, *OPTIONAL)}
         if any(values[c] is None for c in REQUIRED):
-            raise DataError(f"row {i} lacks {[c for c in REQUIRED if values[c] is None]}; {COLUMNS_HINT}")
+            raise DataError(f"row {i + 1} lacks {[c for c in REQUIRED if values[c] is None]}; {COLUMNS_HINT}")
         try:
             r = _typed(values)
         except (ValueError, TypeError):
-            raise DataError(f"row {i} has a bad value: {values}; {COLUMNS_HINT}") from None
+            raise DataError(f"row {i + 1} has a bad value: {values}; {COLUMNS_HINT}") from None
         if r["method"] not in METHODS:
-            raise DataError(f"row {i}: method must be one of {', '.join(METHODS)}, got {r['method']!r}")
+            raise DataError(f"row {i + 1}: method must be one of {', '.join(METHODS)}, got {r['method']!r}")
         if not (0 <= r["accuracy"] <= 100) or not (math.isfinite(r["params"]) and r["params"] > 0):
-            raise DataError(f"row {i}: accuracy must be a percentage in [0, 100] and params a count > 0, "
+            raise DataError(f"row {i + 1}: accuracy must be a percentage in [0, 100] and params a count > 0, "
                             f"got accuracy={r['accuracy']}, params={r['params']}")
         if "level" in r and not math.isfinite(r["level"]):
-            raise DataError(f"row {i}: level must be a finite number, got {r['level']}")
+            raise DataError(f"row {i + 1}: level must be a finite number, got {r['level']}")
         r.setdefault("repeat", 0)
         out.append(r)
     if not out:

@@ -1,7 +1,8 @@
 """Supervised training and evaluation loops, shared by teacher training, distillation and fine-tuning.
 
 A run writes `<out>` (the checkpoint), `<out stem>.log.jsonl` (one line per epoch) and, while it runs,
-`<out stem>.state.pt` (model + optimiser + scheduler + RNG) so that `--resume` continues where it stopped.
+`<out stem>.state.pt` (model + optimiser + scheduler + RNG) so that rerunning the same command continues where it
+stopped (`--resume` only refuses to start over when there is nothing to continue).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import models
-from .checkpoint import load_checkpoint, load_model, model_spec, save_checkpoint
+from .checkpoint import load_checkpoint, load_model, model_spec, nonfinite_tensors, save_checkpoint
 from .data import DEFAULT_VAL_FRACTION, dataset_info, make_loader
 from .errors import CheckpointError, ConfigError, TrainingError
+from .lock import output_lock
 from .metrics import param_counts
+from .preflight import check_device, check_output
+from .runid import check_same_run
 from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
 
 stderr = Console(stderr=True)
@@ -40,10 +44,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
+    if check_device(device) in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return torch.device(device)
 
 
@@ -129,7 +131,7 @@ def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 
 
 def run_paths(out: Path) -> tuple[Path, Path]:
-    """(state file for --resume, JSON-lines log) next to a checkpoint."""
+    """(state file of an interrupted run, JSON-lines log) next to a checkpoint."""
     return out.with_name(out.stem + ".state.pt"), out.with_name(out.stem + ".log.jsonl")
 
 
@@ -147,7 +149,7 @@ def fit(
     params: Iterable[torch.nn.Parameter] | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
-    resume: bool = False,
+    resume: bool | None = None,
     label: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, float]:
@@ -156,9 +158,21 @@ def fit(
     After every epoch the model is measured on the validation split; the epoch with the best validation top-1
     (ties: the lower validation loss, then the later epoch) is the one saved. The test split is measured once, on
     that model, and only reported: it feeds no choice.
+
+    An interrupted run of the same identity (`spec["run"]`) is continued from its state file; `resume=True`
+    refuses to start over when there is none, `resume=False` starts over. Only one process writes `out` at a time.
     """
+    with output_lock(check_output(out)):
+        return _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, Path(out), spec,
+                    params=params, device=device, seed=seed, resume=resume, label=label, after_step=after_step)
+
+
+def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out, spec, *, params, device, seed,
+         resume, label, after_step) -> dict[str, float]:
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        stderr.print(f"[{label}] --epochs 0: writing the untrained model to {out} (nothing is trained)")
     device = torch.device(device)
     seed_everything(seed)
     out = Path(out)
@@ -173,10 +187,13 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     start = 0
     best: dict[str, Any] | None = None  # {"key", "epoch", "state", "val"} of the best epoch so far
-    if resume and state_path.is_file():
+    if resume and not state_path.is_file():
+        raise CheckpointError(f"--resume: there is no interrupted run to continue ({state_path} is missing); "
+                              "drop --resume to start one")
+    if resume is not False and state_path.is_file():
         saved_state, saved_spec, st = load_checkpoint(state_path, with_extra=True)
-        if saved_spec.get("run") != spec.get("run"):
-            raise CheckpointError(f"{state_path} belongs to a different run; delete it or drop --resume")
+        check_same_run(f"the interrupted run in {state_path}", saved_spec.get("run"), spec.get("run"),
+                       "rerun with those settings to finish it, or delete it to start over")
         model.load_state_dict(saved_state)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -187,8 +204,8 @@ def fit(
         if "best_state" in st:
             best = {"key": tuple(st["best_key"]), "epoch": int(st["best_epoch"]), "state": st["best_state"],
                     "val": dict(st["best_val"])}
-        stderr.print(f"[{label}] resuming {out.name} at epoch {start + 1}/{epochs}")
-    else:  # a fresh start (also --resume with no state left): the log starts over, no duplicate epochs
+        stderr.print(f"[{label}] continuing the interrupted run of {out.name} at epoch {start + 1}/{epochs}")
+    else:  # a fresh start: the log starts over, no duplicate epochs
         log_path.unlink(missing_ok=True)
 
     metrics: dict[str, float] = {}
@@ -269,9 +286,11 @@ def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, va
 
 def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, recipe: Recipe, seed: int = 0,
                      stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
-                     device: str | None = None, resume: bool = False, download: bool = False,
+                     device: str | None = None, resume: bool | None = None, download: bool = False,
                      val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, float]:
     """Train a classifier (a teacher, or a student without distillation) with cross-entropy."""
+    check_output(out, inputs=(pretrained,))
+    check_device(device)
     info = dataset_info(dataset, data_dir)
     stem = stem or models.DEFAULT_STEM
     seed_everything(seed)  # --seed also fixes the initial weights
@@ -289,9 +308,13 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
                         device: str | None = None) -> dict[str, Any]:
     """Accuracy and both parameter counts of a checkpoint: `student_params` (paper) and `deployed_params`."""
-    model, spec = load_model(path)
-    dataset = dataset or spec["dataset"]
     dev = pick_device(device)
+    model, spec = load_model(path)
+    bad = nonfinite_tensors(model)
+    if bad:
+        stderr.print(f"warning: {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}); its accuracy "
+                     "below is not a trained model's", highlight=False, soft_wrap=True)
+    dataset = dataset or spec["dataset"]
     val_fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
     test = make_loader(dataset, "test", 256, data_dir)
     val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction) if dataset == spec["dataset"] else None

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, build_model, load_model
+from ..checkpoint import atomic_write, build_model, load_model, nonfinite_tensors
 from ..data import sample_batch
 from ..errors import CheckpointError, ConfigError
 from ..metrics import sparse_encoded_bytes
+from ..preflight import check_output
 from . import tensorrt_engine
 from .checks import Parity, accuracy, compare, eval_images, torch_logits
 from .formats import DEFAULT_CALIB, DEFAULT_WORKSPACE_MB, ExportConfig, Format, ParityError
@@ -84,8 +85,11 @@ def export(checkpoint: str | Path, config: ExportConfig | None = None) -> Export
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     checkpoint = Path(checkpoint)
-    out = config.out or config.default_out(checkpoint)
+    out = check_output(config.out or config.default_out(checkpoint), inputs=(checkpoint,))
     model, spec = load_model(checkpoint)
+    if bad := nonfinite_tensors(model):
+        raise CheckpointError(f"{checkpoint} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}); an export "
+                              "of it would be meaningless, retrain or restore it")
     for key in ("dataset", "input_size", "num_classes"):
         if key not in spec:
             raise CheckpointError(f"{checkpoint} has no {key!r} in its spec; re-save it with this kdexport")

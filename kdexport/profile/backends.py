@@ -23,6 +23,7 @@ from ..checkpoint import load_model
 from ..errors import ConfigError, KdexportError
 from ..export import export_onnx
 from ..kernels.modules import SparsifyConfig, sparsify_
+from ..preflight import read_onnx
 from ..vocab import Backend
 
 
@@ -159,10 +160,8 @@ class Artifact:
 
 def _onnx_bytes(path: Path) -> int:
     """Size of an ONNX model including the external-data files it references."""
-    import onnx  # lazy: onnx is heavy and only ONNX artefacts need it
-
     total, seen = path.stat().st_size, set()
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_onnx(path)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in seen:

@@ -29,6 +29,7 @@ from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load
 from ..data import DEFAULT_VAL_FRACTION
 from ..distill import distillation_step
 from ..errors import CheckpointError, ConfigError
+from ..lock import output_lock
 from ..metrics import (
     count_macs,
     global_sparsity,
@@ -37,6 +38,7 @@ from ..metrics import (
     sparse_encoded_bytes,
 )
 from ..models import is_distilled
+from ..preflight import check_device, check_output
 from ..structure import structure_of
 from ..train import (
     ce_step,
@@ -125,7 +127,7 @@ def _finetune(model: nn.Module, step: Step, loaders, recipe, epochs: int, scope:
     with _frozen(frozen):
         params = [p for part in trained for p in part.parameters()]
         return fit(model, guarded, *loaders, recipe, epochs, out, spec, params=params, device=device, seed=seed,
-                   label=label)
+                   label=label, resume=False)  # a fresh pruned model each time: nothing to continue
 
 
 def _prune_step_(model: nn.Module, config: PruneConfig, example: torch.Tensor, history: list,
@@ -147,6 +149,19 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
                      finetune_scope: str = "all", teacher_ckpt: str | Path | None = None, recipe=None,
                      seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
                      recalibrate_bn: bool = True) -> dict[str, Any]:
+    """Prune a checkpoint (see `_prune_checkpoint`), after checking `out_path`, holding its write lock."""
+    check_output(out_path, inputs=(ckpt_path, teacher_ckpt))
+    check_device(device)
+    with output_lock(out_path):
+        return _prune_checkpoint(ckpt_path, config, out_path, finetune_epochs=finetune_epochs,
+                                 finetune_scope=finetune_scope, teacher_ckpt=teacher_ckpt, recipe=recipe, seed=seed,
+                                 data_dir=data_dir, device=device, recalibrate_bn=recalibrate_bn)
+
+
+def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str | Path, *, finetune_epochs: int = 0,
+                      finetune_scope: str = "all", teacher_ckpt: str | Path | None = None, recipe=None,
+                      seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
+                      recalibrate_bn: bool = True) -> dict[str, Any]:
     """Prune a checkpoint in `config.steps` steps (fine-tuning `finetune_epochs` after each), save `out_path`.
 
     After each step, BatchNorm statistics are re-estimated on training batches (`recalibrate_bn`), before any
@@ -164,8 +179,6 @@ def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str |
         raise ConfigError(f"--finetune-scope must be one of {', '.join(FINETUNE_SCOPES)}, got {finetune_scope!r}")
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be an integer >= 0, got {finetune_epochs!r}")
-    if out_path.resolve() == ckpt_path.resolve():
-        raise ConfigError(f"--out would overwrite the input checkpoint {ckpt_path}; choose another directory")
     model, spec = load_prunable(ckpt_path)
     recipe = recipe or finetune_recipe()
     dev = pick_device(device)

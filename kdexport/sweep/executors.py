@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, KdexportError, TrainingError
+from ..lock import output_lock
 from ..models import ModelError
+from ..preflight import check_device, check_output
 from ..vocab import EXECUTORS, STORE_NAME
 from .config import Cell, SweepConfig
 from .runner import PipelineRunner, Runner, run_cell, run_stage
@@ -155,8 +157,10 @@ def run_sweep(config: SweepConfig, executor: str = "local", *, address: str | No
         import_ray()
     log = log or (lambda _msg: None)
     runner = runner or PipelineRunner()
+    check_output(config.out / STORE_NAME)
+    check_device(config.device)
     t0 = time.perf_counter()
-    with ResultsStore(config.out / STORE_NAME) as store:
+    with output_lock(config.out / STORE_NAME), ResultsStore(config.out / STORE_NAME) as store:
         store.check_settings(config.settings())
         cells = config.cells()
         done = store.done_keys()

@@ -12,8 +12,10 @@ import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import ConfigError, DataError
+from ..runid import run_differences
 from ..stats import read_results_csv
 from ..vocab import PARAM_COLUMNS, STORE_NAME, norm_level
 
@@ -34,12 +36,17 @@ STAGE_COLUMNS = ("dataset", "pair", "stage", "repeat", "seed", "model", "top1", 
 
 
 class ResultsStore:
-    """DIR/results.sqlite: table `results` (one row per cell), `stages` (teachers, students), `meta`."""
+    """DIR/results.sqlite: table `results` (one row per cell), `stages` (teachers, students), `meta`.
+
+    `create=False` opens an existing store read-only (SQLite `mode=ro`): readers never write, and a database
+    without kdexport's tables is refused rather than given them.
+    """
 
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise DataError(f"results store not found: {self.path}; run `kdexport sweep --out DIR` first")
+        if not create:
+            self.db = self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
@@ -52,15 +59,34 @@ class ResultsStore:
             self.db.execute(f"CREATE TABLE IF NOT EXISTS stages ({', '.join(STAGE_COLUMNS)}, "
                             "PRIMARY KEY (dataset, pair, stage, repeat))")
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            if create:  # a store from before a column existed gains it (empty for its old rows)
-                have = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
-                for c, t in COLUMNS:
-                    if c not in have:
-                        self.db.execute(f"ALTER TABLE results ADD COLUMN {c} {t}")
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+            for c, t in COLUMNS:  # a store from before a column existed gains it (empty for its old rows)
+                if c not in have:
+                    self.db.execute(f"ALTER TABLE results ADD COLUMN {c} {t}")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise DataError(f"{self.path} is not a kdexport results store ({exc}); pass another path") \
                 from None
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if self.path.is_dir() and (self.path / STORE_NAME).is_file():
+            self.path = self.path / STORE_NAME  # `report DIR` means DIR/results.sqlite
+        if not self.path.is_file():
+            raise DataError(f"results store not found: {self.path}; run `kdexport sweep --out DIR` first")
+        db = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=30,
+                             isolation_level=None)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            have = {r[1] for r in db.execute("PRAGMA table_info(results)")}
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise DataError(f"{self.path} is not a kdexport results store ({exc}); pass the results.sqlite a "
+                            "sweep wrote") from None
+        if not ({"results", "stages", "meta"} <= tables and set(KEY) <= have):
+            db.close()
+            raise DataError(f"{self.path} is not a kdexport results store (no kdexport tables); pass the "
+                            "results.sqlite a sweep wrote")
+        return db
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -121,8 +147,7 @@ class ResultsStore:
             text = json.dumps(settings, sort_keys=True)
             self.db.execute("INSERT INTO meta VALUES ('settings', ?)", (text,))
             return
-        old = json.loads(found[0])
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        changed = run_differences(json.loads(found[0]), settings)
         if changed:
             raise ConfigError(f"{self.path} holds a sweep made with other {', '.join(changed)}; use the same "
                               "settings to resume it, or another --out")

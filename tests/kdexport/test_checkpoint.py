@@ -119,9 +119,9 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path, obj):
     path = tmp_path / "evil.pt"
     torch.save({"format": "kdexport", "spec": json.dumps(plain_spec()), "state_dict": {}, "model": obj}, path)
-    with pytest.raises(CheckpointError, match="pickled objects"):
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="pickled objects"):
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
         load_model(path)
 
 

@@ -159,7 +159,7 @@ def test_read_results_csv(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("pair,method,acc,params\na,weight,90,1e6\n", "lacks column.*columns pair,method,accuracy,params"),
-    ("pair,method,accuracy,params\na,weight,ninety,1e6\n", "line 2: bad value.*expected columns"),
+    ("pair,method,accuracy,params\na,weight,ninety,1e6\n", r"row 1 \(line 2\): bad value.*expected columns"),
     ("pair,method,accuracy,params,repeat\na,weight,90,1e6,0\na,weight,90,1e6,1.5\n", "line 3"),
     ("pair,method,accuracy,params,level\na,weight,90,1e6,\n", "line 2"),
     ("pair,method,accuracy,params\n", "no data rows"),

@@ -83,12 +83,12 @@ def test_resume_continues_from_the_state_file(tmp_path, loaders):
     saved, _, extra = load_checkpoint(state, with_extra=True)
     assert extra["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(extra)
 
-    with pytest.raises(CheckpointError, match="different run"):
-        fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 2, out, spec_for({"other": True}), resume=True)
+    with pytest.raises(ConfigError, match=r"other settings \(epochs, other, stage\)"):
+        fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 2, out, spec_for({"other": True}))
 
     resumed_steps = []
     model = models.create_model("lenet5")
-    metrics = fit(model, ce_step, *loaders, recipe, 2, out, spec, resume=True,
+    metrics = fit(model, ce_step, *loaders, recipe, 2, out, spec,
                   after_step=lambda m: resumed_steps.append(1))
     assert len(resumed_steps) == 4  # only epoch 2 ran
     assert epochs_logged(log) == [1, 2]
@@ -96,8 +96,10 @@ def test_resume_continues_from_the_state_file(tmp_path, loaders):
     _, final_spec = load_model(out)
     assert final_spec["metrics"] == metrics and 0 <= metrics["top1"] <= metrics["top5"] <= 100
 
-    # --resume with nothing left to resume is a fresh start: the log does not repeat epochs
-    fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 1, out, spec, resume=True)
+    # --resume with nothing left to continue refuses; a plain rerun is a fresh start whose log does not repeat epochs
+    with pytest.raises(CheckpointError, match="no interrupted run to continue"):
+        fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 1, out, spec, resume=True)
+    fit(models.create_model("lenet5"), ce_step, *loaders, recipe, 1, out, spec)
     assert epochs_logged(log) == [1]
 
 
@@ -124,7 +126,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
     with pytest.raises(Interrupted):
         run(tmp_path / "m.pt", after_step=interrupt_in_epoch_3)
-    resumed = run(tmp_path / "m.pt", resume=True)
+    resumed = run(tmp_path / "m.pt")  # no flag: a rerun continues
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name} differs after resuming"
 
