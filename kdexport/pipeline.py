@@ -248,6 +248,8 @@ def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     wanted = {"method": config.method, "amount": config.amount, "scope": config.scope, "finetune_epochs": epochs,
               "finetune_scope": cfg.finetune_scope, "recipe": recipe.to_dict() if epochs else None,
               "bn_recalibration": True}
+    if config.method == "weight":
+        wanted["min_layer_density"] = config.min_layer_density
     made = {k: prune.get(k) for k in wanted} | ({} if epochs else {"recipe": None})
     check_same_run(str(path), made, wanted, "pass --force to recompute it")
 

@@ -70,6 +70,21 @@ def test_changed_settings_are_refused_not_silently_mixed(run_dir, changed, messa
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pt")} == stamps
 
 
+def test_a_weight_level_pruned_without_the_layer_floor_is_not_reused(run_dir, tmp_path):
+    """Checkpoints from before the 2% layer floor (plain global L1) are refused, not mixed into a new table."""
+    import shutil
+
+    from kdexport.checkpoint import load_checkpoint, save_checkpoint
+
+    old = tmp_path / "run"
+    shutil.copytree(run_dir, old)
+    state, spec = load_checkpoint(old / "weight-0.50.pt")
+    del spec["prune"]["min_layer_density"]
+    save_checkpoint(old / "weight-0.50.pt", state, spec)
+    result = runner.invoke(app, ["compress", *FAST, "--out", str(old)])
+    assert result.exit_code == 2 and "weight-0.50" in result.output and "min_layer_density" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--levels", "0,1.0"], "[0, 1)"),
     (["--levels", "a,b"], "--levels 'a,b'"),
@@ -152,7 +167,7 @@ def test_decisions_know_their_noise():
 
 
 def test_fine_tuning_budget_per_method():
-    assert (finetune_epochs("weight"), finetune_epochs("channel")) == (2, 10)  # from the recovery curves
+    assert (finetune_epochs("weight"), finetune_epochs("channel")) == (4, 16)  # from the recovery curves
     assert finetune_epochs("channel", 3) == 3 and finetune_epochs("weight", 0) == 0  # --finetune-epochs sets both
     assert RunConfig(pair="lenet5:lenet300_100").finetune_epochs is None
     with pytest.raises(ConfigError, match="--finetune-epochs"):
