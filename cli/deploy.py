@@ -11,12 +11,14 @@ from ..export import ExportConfig
 from ..export import export as run_export
 from ..profile import ProfileConfig
 from ..profile import profile as run_profile
-from ..vocab import BACKENDS, FORMAT_NAMES, INT8_TARGETS, Backend, Format, parse_batch_sizes
+from ..vocab import BACKENDS, CALIB_METHODS, FORMAT_NAMES, INT8_TARGETS, OV_DEVICES, Backend, Format, parse_batch_sizes
 from .app import DataDirOpt, JsonOpt, choices, command, emit, err
 
 BackendName = choices("BackendName", BACKENDS)
 ExportFormat = choices("ExportFormat", FORMAT_NAMES)  # trt is an alias of tensorrt
 Int8Target = choices("Int8Target", INT8_TARGETS)
+CalibMethod = choices("CalibMethod", CALIB_METHODS)
+OVDevice = choices("OVDevice", OV_DEVICES)
 
 
 @command
@@ -50,8 +52,9 @@ def profile(
 @command
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A kdexport checkpoint (trained, distilled or pruned).")],
-    format_: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (CPU or GPU) or tensorrt/trt "
-                                                  "(an engine for this GPU).")] = ExportFormat[Format.ONNX.value],
+    format_: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (CPU or GPU), tensorrt/trt "
+                                                  "(an engine for this GPU) or openvino (IR .xml + .bin).")]
+    = ExportFormat[Format.ONNX.value],
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 13..20 [18].")] = None,
     batch: Annotated[int | None, typer.Option(help="Static batch size; with --dynamic the optimisation batch "
                                               "[1].")] = None,
@@ -64,20 +67,29 @@ def export(
                                                            "Q/DQ placement; default) or cpu (ONNX Runtime's "
                                                            "U8S8, fast on CPUs).")] = None,
     calib: Annotated[int | None, typer.Option(help="Calibration images from the train split [128].")] = None,
+    calib_method: Annotated[CalibMethod | None, typer.Option(help="INT8 calibration: auto (MinMax, Entropy, "
+                                                             "Percentile and fp32-kept nodes, chosen on "
+                                                             "validation; the default) or one method.")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="INT8 accuracy points allowed below fp32 on validation; "
+                                                   "more exits 1 and writes nothing [1.0].")] = None,
+    allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Write the INT8 model even when it loses more "
+                                             "than --max-drop (the output says so).")] = False,
     atol: Annotated[float | None, typer.Option(help="Parity tolerance on the logits, times max(1, max |logit|) "
                                                "(default: fp32 1e-3 ONNX Runtime, 2e-3 TensorRT; fp16 5e-2)."
                                                )] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda: where the PyTorch reference runs (cpu).")]
     = None,
     workspace: Annotated[int | None, typer.Option(help="TensorRT workspace limit in MiB [1024].")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Test images for the int8 accuracy (all).")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Validation (and test) images for the int8 accuracy "
+                                                   "(all).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: exports/ next to the checkpoint)."
                                              )] = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to ONNX (fp32 / INT8) or a TensorRT engine, verified against PyTorch on real images."""
+    """Export a checkpoint to ONNX (fp32 / INT8), a TensorRT engine or OpenVINO IR, verified on real images."""
     given = dict(opset=opset, batch=batch, dynamic=dynamic, half=half, int8=int8, calib=calib, atol=atol,
+                 calib_method=calib_method.value if calib_method else None, max_drop=max_drop, allow_drop=allow_drop,
                  int8_target=int8_target.value if int8_target else None, device=device, workspace=workspace,
                  eval_limit=eval_limit, out=out, data_dir=data_dir)
     config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})

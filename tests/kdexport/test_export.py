@@ -224,7 +224,8 @@ def test_int8_reports_accuracy_before_and_after(tmp_path, teacher_ckpt):
     result = invoke(teacher_ckpt, "--int8", "--calib", 64, "--dynamic", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
-    assert res["precision"] == "int8" and res["calib_images"] == 64 and res["eval_images"] == 360
+    assert res["precision"] == "int8" and res["calib_images"] == 64 and res["eval_images"] == 216  # val
+    assert res["eval_split"] == "val" and res["test_images"] == 360
     assert res["int8_target"] == "tensorrt" and res["notes"] == [CPU_NOTE]
     assert res["accuracy_fp32"] > 50  # the fixture is a trained LeNet-5 (kind "model")
     assert res["accuracy_delta"] == pytest.approx(res["accuracy_int8"] - res["accuracy_fp32"])
