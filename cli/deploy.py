@@ -23,7 +23,8 @@ OVDevice = choices("OVDevice", OV_DEVICES)
 
 @command
 def profile(
-    artifact: Annotated[Path, typer.Argument(help="A checkpoint (.pt), an ONNX model or a TensorRT engine.")],
+    artifact: Annotated[Path, typer.Argument(help="A checkpoint (.pt), an ONNX model, a TensorRT engine or an "
+                                             "OpenVINO IR (.xml).")],
     backend: Annotated[BackendName, typer.Option(help="Runtime to measure; auto picks the fastest here.")]
     = BackendName[Backend.AUTO.value],
     device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda for GPU-only backends].")] = None,
@@ -31,10 +32,13 @@ def profile(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up queries per batch size.")] = 10,
     iters: Annotated[int, typer.Option(help="Timed queries per batch size.")] = 50,
     threads: Annotated[int | None, typer.Option(help="CPU threads [all this process may use].")] = None,
+    ov_device: Annotated[OVDevice | None, typer.Option(help="OpenVINO device for --backend openvino [CPU].")]
+    = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure single-stream latency (p50/p90/p99), throughput and peak memory of an artifact."""
-    config = ProfileConfig(backend.value, device, parse_batch_sizes(batch), warmup, iters, threads)
+    config = ProfileConfig(backend.value, device, parse_batch_sizes(batch), warmup, iters, threads,
+                           ov_device=ov_device.value if ov_device else None)
     result = run_profile(artifact, config)
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
@@ -44,7 +48,7 @@ def profile(
     env = result.environment
     rows = [{"batch": r.batch, "p50 ms": r.p50_ms, "p90 ms": r.p90_ms, "p99 ms": r.p99_ms, "mean ms": r.mean_ms,
              "std ms": r.std_ms, "images/s": r.throughput_ips, "peak RSS MiB": r.peak_rss_mb} for r in result.results]
-    where = env.get("gpu") if result.device == "cuda" else env.get("cpu_model")
+    where = env.get("gpu") if result.device == "cuda" else env.get("openvino_device") or env.get("cpu_model")
     emit(rows, f"{artifact.name}: {result.backend} on {result.device} ({where}), {result.threads} threads, "
          f"{result.artifact_bytes or 0:,} bytes", False)
 

@@ -74,23 +74,30 @@ def to_ir(onnx: bytes) -> tuple[bytes, bytes]:
         return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
 
 
-def compile_model(model: bytes | str | Path, device: str = "CPU", threads: int | None = None,
-                  latency: bool = False):
-    """A compiled OpenVINO model from ONNX bytes, an .onnx file or an IR .xml (its .bin beside it)."""
+def read(model: bytes | str | Path):
+    """An openvino.Model from ONNX bytes, an .onnx file or an IR .xml (its .bin beside it)."""
     core = _core()
-    if isinstance(model, bytes):
-        with tempfile.TemporaryDirectory(prefix="kdexport-ov-") as tmp:
-            path = Path(tmp, "model.onnx")
-            path.write_bytes(model)
-            read = core.read_model(str(path))
-    else:
-        read = core.read_model(str(model))
+    if not isinstance(model, bytes):
+        return core.read_model(str(model))
+    with tempfile.TemporaryDirectory(prefix="kdexport-ov-") as tmp:
+        path = Path(tmp, "model.onnx")
+        path.write_bytes(model)
+        return core.read_model(str(path))
+
+
+def compile_model(model, device: str = "CPU", threads: int | None = None, latency: bool = False):
+    """Compile an openvino.Model (or anything `read` takes) for `device`, in fp32 on CPU."""
+    model = model if hasattr(model, "get_parameters") else read(model)
     config: dict = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
     if latency:  # one request at a time, as the single-stream method measures
         config.update(PERFORMANCE_HINT="LATENCY", NUM_STREAMS="1")
     if threads is not None and device == "CPU":
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    return core.compile_model(read, device, config)
+    return _core().compile_model(model, device, config)
+
+
+def device_name(device: str) -> str:
+    return str(_core().get_property(device, "FULL_DEVICE_NAME"))
 
 
 class OpenVINORunner:

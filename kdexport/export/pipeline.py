@@ -164,15 +164,17 @@ def _pruned_sizes(result: ExportResult, model, spec: dict[str, Any], config: Exp
 
 def _engine(result: ExportResult, onnx: bytes, reference: np.ndarray, images: torch.Tensor,
             spec: dict[str, Any], config: ExportConfig) -> tuple[bytes, tensorrt_engine.EngineRunner]:
-    """Build the engine from the verified ONNX (fp32 or QDQ), run it on the parity images, gate fp32/fp16."""
-    plan, result.build_seconds = tensorrt_engine.build_engine(
-        onnx, input_size=tuple(spec["input_size"]), batch=config.batch, dynamic=config.dynamic,
-        half=config.half, int8=config.int8, workspace_mb=config.workspace or DEFAULT_WORKSPACE_MB)
+    """Build the engine from the verified ONNX (fp32 or QDQ), run it on the parity images, gate fp32/fp16; on a
+    failure the error carries Polygraphy's layer-wise comparison."""
+    options = dict(input_size=tuple(spec["input_size"]), batch=config.batch, dynamic=config.dynamic,
+                   half=config.half, int8=config.int8, workspace_mb=config.workspace or DEFAULT_WORKSPACE_MB)
+    plan, result.build_seconds = tensorrt_engine.build_engine(onnx, **options)
     runner = tensorrt_engine.EngineRunner(plan)
     atol = None if config.int8 else config.tolerance(f"tensorrt-{config.precision}")
     result.parity.append(compare(reference, runner(images.numpy()), runtime=runner.runtime,
                                  precision=config.precision, atol=atol))
-    _gate(result.parity[-1])
+    if not result.parity[-1].passed:
+        _gate(result.parity[-1], tensorrt_engine.layerwise(onnx, images.numpy(), options, atol or 1e-2))
     return plan, runner
 
 
@@ -192,8 +194,8 @@ def _openvino(result: ExportResult, onnx: bytes, reference: np.ndarray, images: 
     return xml, weights
 
 
-def _gate(parity: Parity) -> None:
+def _gate(parity: Parity, diagnostic: str | None = None) -> None:
     if not parity.passed:
+        where = f"; {diagnostic}" if diagnostic else "; look for layers the exporter changes"
         raise ParityError(f"{parity.runtime} {parity.precision} disagrees with PyTorch, nothing was written: "
-                          f"{parity.describe()}; look for layers the "
-                          "exporter changes, or pass a larger --atol if this difference is acceptable")
+                          f"{parity.describe()}{where}, or pass a larger --atol if this difference is acceptable")
