@@ -130,23 +130,32 @@ def node_sensitivity(pre: Path, qdq: bytes, images: np.ndarray, *, batch: int, f
         modify_model_output_intermediate_tensors(str(path), str(augmented))
         acts[name] = collect_activations(str(augmented), _reader(images, batch if fixed else 32, fixed))
 
-    def nsr(tensor: str) -> float:
-        if tensor not in acts["float"] or tensor not in acts["qdq"]:
+    def nsr(tensor: str, as_seen: str | None = None) -> float:
+        """Noise-to-signal power of `tensor` in the QDQ model (or of its version `as_seen`) against fp32."""
+        seen = as_seen or tensor
+        if tensor not in acts["float"] or seen not in acts["qdq"]:
             return 0.0
         x = np.concatenate([a.ravel() for a in acts["float"][tensor]]).astype(np.float64)
-        y = np.concatenate([a.ravel() for a in acts["qdq"][tensor]]).astype(np.float64)
-        return float(np.sum((x - y) ** 2) / max(np.sum(x ** 2), 1e-30))
+        y = np.concatenate([a.ravel() for a in acts["qdq"][seen]]).astype(np.float64)
+        return float(np.sum((x - y) ** 2) / max(np.sum(x ** 2), 1e-30)) if x.shape == y.shape else 0.0
 
     model = onnx.load(str(qpath))
     dequantised = {o: _source(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"
                    for o in n.output}
+    after_qdq = {src: o for o, src in dequantised.items()}  # a tensor as its consumers see it
+    scored = [n for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+              and any(i in dequantised for i in n.input)]
+    # A scored node's quantised output (ORT's CPU recipe) counts as its own noise, rounding and clamping
+    # included (ORT drops a Relu after a quantised Conv and lets the output's Q/DQ clamp instead); an input's
+    # Q/DQ counts for the consumer, unless its producer already counted it.
+    counted = {o for n in scored for o in n.output if o in after_qdq}
     scores = []
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not any(i in dequantised for i in node.input):
-            continue
-        added = max(nsr(o) for o in node.output) - max([nsr(dequantised.get(i, i)) for i in node.input] + [0.0])
-        if added > 0:
-            scores.append((node.name, round(-10 * math.log10(added), 2) + 0.0))  # no -0.0
+    for node in scored:
+        out = max(nsr(o, after_qdq.get(o)) for o in node.output)
+        sources = [dequantised.get(i, i) for i in node.input]
+        inp = max([nsr(s, after_qdq[s] if s in counted else None) for s in sources] + [0.0])
+        if out - inp > 0:
+            scores.append((node.name, round(-10 * math.log10(out - inp), 2) + 0.0))  # no -0.0
     return sorted(scores, key=lambda s: s[1])
 
 
