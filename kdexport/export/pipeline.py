@@ -76,7 +76,17 @@ class ExportResult:
     def rows(self) -> list[dict[str, Any]]:
         """(field, value) rows for a two-column table."""
         rows = [{"field": k, "value": v} for k, v in self.to_dict().items()
-                if k not in ("parity", "notes") and v is not None]
+                if k not in ("parity", "notes", "calibration", "int8_accuracies") and v is not None]
+        if self.int8_accuracies:
+            rows.append({"field": "int8 accuracy by runtime", "value": ", ".join(
+                f"{k} {v:.2f}%" for k, v in self.int8_accuracies.items()) + f" ({self.eval_split})"})
+        if self.calibration:
+            cal = self.calibration
+            rows += [{"field": "calibration", "value": f"{cal['method']}, fp32 nodes: "
+                      f"{', '.join(cal['fp32_nodes']) or 'none'}"},
+                     {"field": "calibration search", "value": "; ".join(
+                         f"{t['method']} +{len(t['fp32_nodes'])} fp32 {t['accuracy']:.2f}%" for t in cal["trials"])
+                      + f" (budget: {cal['budget']})"}]
         rows += [{"field": f"parity {p.runtime} {p.precision}", "value": ("ok: " if p.passed else "FAILED: ") +
                   p.describe()} for p in self.parity]
         rows += [{"field": "note", "value": n} for n in self.notes]
