@@ -21,7 +21,9 @@ ORT's default placement with symmetric activations (neither recipe) lost 16 poin
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import tempfile
 from pathlib import Path
 
@@ -108,10 +110,11 @@ def quantize_int8(pre: Path, images: np.ndarray, *, batch: int, fixed: bool, tar
         args["calibration_cache_path"] = cache
     with tempfile.TemporaryDirectory(prefix="kdexport-int8-") as tmp:
         dst = Path(tmp, "int8.onnx")
-        try:
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, calibrate_method=_method(method),
-                            nodes_to_exclude=list(exclude), **args)
+        try:  # its calibrators print progress to stdout, which belongs to --json
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                weight_type=QuantType.QInt8, calibrate_method=_method(method),
+                                nodes_to_exclude=list(exclude), **args)
         except Exception as exc:
             raise ExportFailed(f"onnxruntime.quantization.quantize_static failed: {_first_line(exc)}") from None
         return dst.read_bytes()

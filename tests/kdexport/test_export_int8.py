@@ -158,3 +158,11 @@ def test_failed_openvino_parity_leaves_no_files(tmp_path, teacher_ckpt, monkeypa
         export(teacher_ckpt, ExportConfig("openvino", out=tmp_path / "m.xml"))
     assert not list(tmp_path.iterdir())
 
+
+
+def test_json_output_stays_clean_with_histogram_calibrators(tmp_path, teacher_ckpt):
+    """ORT's Entropy and Percentile calibrators print progress; --json's stdout must still parse."""
+    result = invoke(teacher_ckpt, "--int8", "--calib-method", "percentile", "--calib", 16, "--eval-limit", 32,
+                    "--out", tmp_path / "p.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["calibration"]["method"] == "Percentile"
