@@ -163,7 +163,9 @@ def layerwise(onnx: bytes, images: np.ndarray, options: dict[str, Any], atol: fl
     marked = BytesFromOnnx(ModifyOutputs(OnnxFromBytes(onnx), outputs=constants.MARK_ALL))
     network = ptrt.ModifyNetworkOutputs(ptrt.NetworkFromOnnxBytes(onnx), outputs=constants.MARK_ALL)
     engine = ptrt.EngineFromNetwork(network, config=_create_config(ptrt, config_options(**options)))
-    feeds = [{INPUT: c} for c, _ in batches(images[:4].astype(np.float32), 1, pad=False)]
+    static = not options["dynamic"]
+    size = options["batch"] if static else 1  # a static engine takes exactly its batch
+    feeds = [{INPUT: c} for c, _ in batches(images[: max(size, 4)].astype(np.float32), size, pad=static)]
     results = Comparator.run([OnnxrtRunner(SessionFromOnnx(marked)), ptrt.TrtRunner(engine)], data_loader=feeds)
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=atol))
     order = [name for name in results[0][1][0].keys()]
