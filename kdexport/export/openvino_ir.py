@@ -36,8 +36,9 @@ def missing(device: str = "CPU") -> str | None:
         return f"OpenVINO needs the openvino package (missing here): {INSTALL}"
     devices = _core().available_devices
     if not any(d.split(".")[0] == device for d in devices):
-        return (f"OpenVINO sees no {device} device here (available: {', '.join(devices) or 'none'}); install "
-                f"its driver, or use --ov-device {devices[0].split('.')[0] if devices else 'CPU'}")
+        return (f"OpenVINO sees no {device} device here (available: {', '.join(devices) or 'none'}): install "
+                f"the {device} driver for OpenVINO ({INSTALL}), or use --ov-device "
+                f"{devices[0].split('.')[0] if devices else 'CPU'}")
     return None
 
 

@@ -50,6 +50,7 @@ def test_openvino_refusals(teacher_ckpt, monkeypatch):
     monkeypatch.setattr(openvino_ir, "_core", lambda: Core())
     result = runner.invoke(cli.app, ["profile", str(teacher_ckpt), "--backend", "openvino", "--ov-device", "NPU"])
     assert result.exit_code == 2 and "OpenVINO sees no NPU device here (available: CPU)" in result.output
+    assert "kdexport[openvino]" in result.output and "--ov-device CPU" in result.output
     monkeypatch.setattr(profile_backends, "_installed", lambda name: name != "openvino")
     assert "pip install 'kdexport[openvino]'" in available_backends()["openvino"]
     result = runner.invoke(cli.app, ["profile", str(teacher_ckpt), "--backend", "openvino"])
