@@ -86,7 +86,7 @@ def gate(result, choice: Int8Choice, config: ExportConfig) -> None:
             f"validation images under {result.int8_runtime} (fp32 {result.accuracy_fp32:.2f}% -> "
             f"{result.accuracy_int8:.2f}%), more than --max-drop {config.drop_limit:g}")
     if config.allow_drop:
-        result.notes.append(f"{what}; written anyway because of --allow-drop")
+        result.notes.append(f"{what}; written anyway because of --allow-drop; {layers_line(choice)}")
         return
     raise Int8DropError(f"{what}; nothing was written. {layers_line(choice)}. Calibrate on more images (--calib), "
                         "try --int8-target cpu for a CPU, raise --max-drop, or pass --allow-drop to write it anyway")
