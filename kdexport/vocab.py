@@ -248,6 +248,7 @@ class Backend(str, Enum):
     ORT_CUDA = "ort-cuda"
     ORT_TRT = "ort-trt"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
     AUTO = "auto"
 
 
@@ -259,6 +260,7 @@ class Format(str, Enum):
 
     ONNX = "onnx"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
     @classmethod
     def _missing_(cls, value: object) -> Format | None:
@@ -269,3 +271,5 @@ class Format(str, Enum):
 ALIASES = {"trt": "tensorrt"}
 FORMAT_NAMES = tuple(f.value for f in Format) + tuple(ALIASES)  # what --format accepts
 INT8_TARGETS = ("tensorrt", "cpu")  # the QDQ recipes of kdexport.export.int8
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # onnxruntime.quantization calibrators; auto: chosen
+OV_DEVICES = ("CPU", "GPU", "NPU")  # OpenVINO devices (`profile --backend openvino --ov-device`)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the repository keeps these folders at its top; they install as these packages of the one import name
 FOLDERS = {"kdexport": "kdexport", "models": "kdexport.models", "kernels": "kdexport.kernels", "cli": "kdexport.cli"}
 LEAVES = ("kdexport.models", "kdexport.kernels")
-LAZY = {"onnx", "onnxruntime", "tensorrt", "triton", "ray", "matplotlib", "sklearn"}  # heavy or optional
+# heavy or optional
+LAZY = {"onnx", "onnxruntime", "tensorrt", "triton", "ray", "matplotlib", "sklearn", "openvino", "polygraphy"}
 MAX_LINES = 400
 
 

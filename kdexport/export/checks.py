@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import get_dataset
+from ..data import DEFAULT_VAL_FRACTION, get_dataset
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -21,7 +21,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 class Parity:
     """An artifact's logits against PyTorch's on the same real images."""
 
-    runtime: str  # "onnxruntime-cpu" or "tensorrt"
+    runtime: str  # "onnxruntime-cpu", "openvino-cpu" or "tensorrt"
     precision: str
     images: int
     max_abs_diff: float
@@ -83,10 +83,10 @@ def torch_logits(model: nn.Module, x: torch.Tensor, device: str = "cpu", chunk: 
     return np.concatenate(outs)
 
 
-def eval_images(dataset: str, split: str, limit: int | None, root: str | Path | None) -> tuple[np.ndarray,
-                                                                                                np.ndarray]:
+def eval_images(dataset: str, split: str, limit: int | None, root: str | Path | None,
+                val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of a split; `limit` keeps an evenly spaced subset (folders are sorted by class)."""
-    ds = get_dataset(dataset, split, root)
+    ds = get_dataset(dataset, split, root, val_fraction=val_fraction)
     idx = np.arange(len(ds)) if limit is None or limit >= len(ds) else \
         np.linspace(0, len(ds) - 1, limit).round().astype(int)
     items = [ds[int(i)] for i in idx]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,9 @@ from ..data import sample_batch
 from ..errors import CheckpointError, ConfigError
 from ..metrics import sparse_encoded_bytes
 from ..preflight import check_output
-from . import tensorrt_engine
-from .checks import Parity, accuracy, compare, eval_images, torch_logits
-from .formats import DEFAULT_CALIB, DEFAULT_WORKSPACE_MB, ExportConfig, Format, ParityError
-from .int8 import RECIPES, quantize_int8
+from . import int8_stage, openvino_ir, tensorrt_engine
+from .checks import Parity, accuracy, compare, torch_logits
+from .formats import DEFAULT_WORKSPACE_MB, ExportConfig, Format, ParityError
 from .onnx_io import EXPORTER, OrtRunner, finalize, metadata, onnx_bytes
 
 PARITY_IMAGES = 16  # at least; rounded up to whole static batches
@@ -51,12 +51,21 @@ class ExportResult:
     parity: list[Parity]
     unpruned_onnx_bytes: int | None = None  # channel-pruned: the same architecture before slimming
     sparse_encoded_bytes: int | None = None  # weight-pruned: the smallest sparse encoding of the weights
-    accuracy_fp32: float | None = None  # int8: the fp32 ONNX model on the test split
-    accuracy_int8: float | None = None  # the INT8 artifact (ONNX under ORT, or the engine)
+    accuracy_fp32: float | None = None  # int8: the fp32 ONNX model (ONNX Runtime) on eval_split
+    accuracy_int8: float | None = None  # the INT8 artifact on eval_split, measured by int8_runtime (gated)
     accuracy_delta: float | None = None  # int8 - fp32, percentage points
+    int8_runtime: str | None = None  # the runtime that measured accuracy_int8
+    int8_accuracies: dict[str, float] | None = None  # every runtime that measured the INT8 model on eval_split
+    trust: str | None = None  # which of those figures to trust, when they are several
+    max_drop: float | None = None  # the gate on -accuracy_delta
+    eval_split: str | None = None  # val: where the INT8 accuracy is measured and chosen
     eval_images: int | None = None
+    test_accuracy_fp32: float | None = None  # measured once on the written model, for the record
+    test_accuracy_int8: float | None = None
+    test_images: int | None = None
     calib_images: int | None = None
     int8_target: str | None = None  # the QDQ recipe: tensorrt or cpu
+    calibration: dict[str, Any] | None = None  # the calibration search: method, fp32 nodes, trials, budget
     build_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -68,7 +77,17 @@ class ExportResult:
     def rows(self) -> list[dict[str, Any]]:
         """(field, value) rows for a two-column table."""
         rows = [{"field": k, "value": v} for k, v in self.to_dict().items()
-                if k not in ("parity", "notes") and v is not None]
+                if k not in ("parity", "notes", "calibration", "int8_accuracies") and v is not None]
+        if self.int8_accuracies:
+            rows.append({"field": "int8 accuracy by runtime", "value": ", ".join(
+                f"{k} {v:.2f}%" for k, v in self.int8_accuracies.items()) + f" ({self.eval_split})"})
+        if self.calibration:
+            cal = self.calibration
+            rows += [{"field": "calibration", "value": f"{cal['method']}, fp32 nodes: "
+                      f"{', '.join(cal['fp32_nodes']) or 'none'}"},
+                     {"field": "calibration search", "value": "; ".join(
+                         f"{t['method']} +{len(t['fp32_nodes'])} fp32 {t['accuracy']:.2f}%" for t in cal["trials"])
+                      + f" (budget: {cal['budget']})"}]
         rows += [{"field": f"parity {p.runtime} {p.precision}", "value": ("ok: " if p.passed else "FAILED: ") +
                   p.describe()} for p in self.parity]
         rows += [{"field": "note", "value": n} for n in self.notes]
@@ -78,9 +97,11 @@ class ExportResult:
 def export(checkpoint: str | Path, config: ExportConfig | None = None) -> ExportResult:
     """Export a kdexport checkpoint as `config` says; ParityError / ExportFailed (exit 1) leave no file."""
     config = config or ExportConfig()
-    trt = config.format is Format.TENSORRT
+    trt, ov = config.format is Format.TENSORRT, config.format is Format.OPENVINO
     if trt:
         tensorrt_engine.require()
+    if ov:
+        openvino_ir.require("CPU")
     device = config.device or "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -115,21 +136,30 @@ def export(checkpoint: str | Path, config: ExportConfig | None = None) -> Export
         result.notes.append(CONSTANT_NOTE)
     _pruned_sizes(result, model, spec, config)
 
-    artifact = fp32
+    artifact, runner = fp32, ort_fp32
     if config.int8:
-        artifact, test = _quantize(result, fp32, ort_fp32, spec, config, meta, static, trt)
+        artifact, choice, val = int8_stage.choose(result, fp32, ort_fp32, spec, config, static)
+        runner = int8_stage.make_runner(result.int8_runtime, artifact)
+        result.notes += [CPU_NOTE] if config.format is Format.ONNX and config.recipe == "tensorrt" else []
     if trt:
         artifact, runner = _engine(result, artifact, reference, images, spec, config)
-    elif config.int8:
-        runner = OrtRunner(artifact)
+        if config.int8:  # the engine is what will run: its own accuracy gates
+            int8_stage.set_gating(result, runner.runtime, accuracy(runner, *val))
+    elif config.int8 and not ov:
         result.parity.append(compare(reference, runner(images.numpy()), runtime=runner.runtime,
                                      precision="int8", atol=None))
     if config.int8:
-        result.accuracy_int8 = accuracy(runner, *test)
-        result.accuracy_delta = result.accuracy_int8 - result.accuracy_fp32
+        int8_stage.gate(result, choice, config)
+        int8_stage.test_accuracy(result, ort_fp32, runner, spec, config)
         if not trt:  # the measured accuracies travel with the file
-            artifact = finalize(artifact, metadata(spec, **_int8_meta(result, config), **meta),
+            artifact = finalize(artifact, metadata(spec, **int8_stage.meta(result, config), **meta),
                                 num_classes=spec["num_classes"], batch=static)
+    if ov:
+        xml, weights = _openvino(result, artifact, reference, images, config)
+        result.file_bytes = len(xml) + len(weights)
+        atomic_write(out.with_suffix(".bin"), lambda tmp: Path(tmp).write_bytes(weights))
+        atomic_write(out, lambda tmp: Path(tmp).write_bytes(xml))
+        return result
     result.file_bytes = len(artifact)
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(artifact))
     return result
@@ -146,44 +176,40 @@ def _pruned_sizes(result: ExportResult, model, spec: dict[str, Any], config: Exp
         result.notes.append(DENSE_NOTE)
 
 
-def _int8_meta(result: ExportResult, config: ExportConfig) -> dict[str, Any]:
-    quant = {"format": "QDQ", "target": config.recipe, "calibration": "MinMax", **RECIPES[config.recipe]}
-    return dict(precision="int8", quantization=quant, calib_images=result.calib_images,
-                accuracy_top1_onnx_fp32=result.accuracy_fp32, accuracy_top1_int8=result.accuracy_int8,
-                eval_images=result.eval_images)
-
-
-def _quantize(result: ExportResult, fp32: bytes, ort_fp32: OrtRunner, spec: dict[str, Any], config: ExportConfig,
-              meta: dict[str, Any], static: int | None, trt: bool) -> tuple[bytes, tuple]:
-    """The checked INT8 QDQ model, and the test images (x, y) on which the fp32 ONNX accuracy was taken."""
-    calib, _ = eval_images(spec["dataset"], "train", config.calib or DEFAULT_CALIB, config.data_dir)
-    q, notes = quantize_int8(fp32, calib, batch=config.batch, fixed=static is not None, target=config.recipe)
-    result.notes += notes + ([CPU_NOTE] if not trt and config.recipe == "tensorrt" else [])
-    result.int8_target, result.calib_images = config.recipe, len(calib)
-    q = finalize(q, metadata(spec, **_int8_meta(result, config), **meta), num_classes=spec["num_classes"],
-                 batch=static)
-    test = eval_images(spec["dataset"], "test", config.eval_limit, config.data_dir)
-    result.eval_images = len(test[1])
-    result.accuracy_fp32 = accuracy(ort_fp32, *test)
-    return q, test
-
-
 def _engine(result: ExportResult, onnx: bytes, reference: np.ndarray, images: torch.Tensor,
             spec: dict[str, Any], config: ExportConfig) -> tuple[bytes, tensorrt_engine.EngineRunner]:
-    """Build the engine from the verified ONNX (fp32 or QDQ), run it on the parity images, gate fp32/fp16."""
-    plan, result.build_seconds = tensorrt_engine.build_engine(
-        onnx, input_size=tuple(spec["input_size"]), batch=config.batch, dynamic=config.dynamic,
-        half=config.half, int8=config.int8, workspace_mb=config.workspace or DEFAULT_WORKSPACE_MB)
+    """Build the engine from the verified ONNX (fp32 or QDQ), run it on the parity images, gate fp32/fp16; on a
+    failure the error carries Polygraphy's layer-wise comparison."""
+    options = dict(input_size=tuple(spec["input_size"]), batch=config.batch, dynamic=config.dynamic,
+                   half=config.half, int8=config.int8, workspace_mb=config.workspace or DEFAULT_WORKSPACE_MB)
+    plan, result.build_seconds = tensorrt_engine.build_engine(onnx, **options)
     runner = tensorrt_engine.EngineRunner(plan)
     atol = None if config.int8 else config.tolerance(f"tensorrt-{config.precision}")
     result.parity.append(compare(reference, runner(images.numpy()), runtime=runner.runtime,
                                  precision=config.precision, atol=atol))
-    _gate(result.parity[-1])
+    if not result.parity[-1].passed:
+        _gate(result.parity[-1], tensorrt_engine.layerwise(onnx, images.numpy(), options, atol or 1e-2))
     return plan, runner
 
 
-def _gate(parity: Parity) -> None:
+def _openvino(result: ExportResult, onnx: bytes, reference: np.ndarray, images: torch.Tensor,
+              config: ExportConfig) -> tuple[bytes, bytes]:
+    """The IR (.xml, .bin) of the verified ONNX (fp32 or QDQ), run by OpenVINO on the CPU on the parity images;
+    fp32 is gated, int8 reported (its accuracy was gated under OpenVINO already)."""
+    xml, weights = openvino_ir.to_ir(onnx)
+    with tempfile.TemporaryDirectory(prefix="kdexport-ov-") as tmp:
+        Path(tmp, "model.bin").write_bytes(weights)
+        Path(tmp, "model.xml").write_bytes(xml)
+        runner = openvino_ir.OpenVINORunner(Path(tmp, "model.xml"))
+    atol = None if config.int8 else config.tolerance("openvino-fp32")
+    result.parity.append(compare(reference, runner(images.numpy()), runtime=runner.runtime,
+                                 precision=config.precision, atol=atol))
+    _gate(result.parity[-1])
+    return xml, weights
+
+
+def _gate(parity: Parity, diagnostic: str | None = None) -> None:
     if not parity.passed:
+        where = f"; {diagnostic}" if diagnostic else "; look for layers the exporter changes"
         raise ParityError(f"{parity.runtime} {parity.precision} disagrees with PyTorch, nothing was written: "
-                          f"{parity.describe()}; look for layers the "
-                          "exporter changes, or pass a larger --atol if this difference is acceptable")
+                          f"{parity.describe()}{where}, or pass a larger --atol if this difference is acceptable")

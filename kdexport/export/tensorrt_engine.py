@@ -1,16 +1,21 @@
-"""TensorRT engines with the TensorRT 10 Python API: build a serialised engine from verified ONNX, run it.
+"""TensorRT through NVIDIA's Polygraphy: a thin adapter that builds an engine from verified ONNX and runs it.
 
-fp32 builds clear the TF32 flag (fp32 means fp32); --half sets BuilderFlag.FP16; an INT8 engine is built from
-the QDQ model (explicit quantisation: the Q/DQ scales are used, no TensorRT calibrator) with BuilderFlag.INT8,
-plus FP16 for the unquantised layers with --half. TensorRT 11 removed these weak-typing flags: there an INT8
-QDQ model builds strongly typed and --half is refused. Engine I/O buffers are torch CUDA tensors.
+Polygraphy (`network_from_onnx_bytes`, `CreateConfig`, `engine_from_network`, `TrtRunner`) owns the builder,
+the optimisation profile, the I/O buffers and the dtype handling; kdexport only states what it wants:
+    fp32        TF32 off (Polygraphy's default): fp32 means fp32
+    --half      fp16 kernels allowed
+    --int8      the QDQ model, built with explicit quantisation (the Q/DQ scales, no TensorRT calibrator)
+    --dynamic   one profile: batch 1 / --batch / max(2 x batch, 32)
+    --workspace the workspace memory pool limit, MiB
+When the engine's parity fails, `layerwise` runs Polygraphy's Comparator on ONNX Runtime and TensorRT with
+every tensor marked as an output and names the first that disagrees: the diagnostic printed with the error.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,131 +24,152 @@ from .checks import batches
 from .formats import ExportFailed, TensorRTUnavailable
 
 INSTALL = "pip install 'kdexport[tensorrt]' on a machine with an NVIDIA GPU (on Jetson use JetPack's TensorRT)"
+INPUT = "input"
+
+
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def missing() -> list[str]:
     """What --format tensorrt lacks here (empty when it can run). Initialises no CUDA context."""
-    lacks = []
-    if not torch.cuda.is_available():
-        lacks.append("a CUDA GPU")
-    try:
-        found = importlib.util.find_spec("tensorrt") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        lacks.append("the tensorrt package")
-    return lacks
+    lacks = [] if torch.cuda.is_available() else ["a CUDA GPU"]
+    return lacks + [f"the {m} package" for m in ("tensorrt", "polygraphy") if not _found(m)]
 
 
 def require() -> None:
     """Refuse --format tensorrt up front, naming what is missing (exit 2, before any work)."""
     lacks = missing()
     if lacks:
-        raise TensorRTUnavailable(f"--format tensorrt needs a CUDA GPU and the tensorrt package (missing here: "
-                                  f"{' and '.join(lacks)}): {INSTALL}")
+        raise TensorRTUnavailable(f"--format tensorrt needs a CUDA GPU and the tensorrt and polygraphy packages "
+                                  f"(missing here: {' and '.join(lacks)}): {INSTALL}")
 
 
-def _trt():
-    """The tensorrt module, or one line saying it is broken (found by require(), but its libraries fail)."""
+def profile_shapes(input_size, batch: int, dynamic: bool) -> tuple[tuple[int, ...], ...] | None:
+    """(min, opt, max) input shapes of the one optimisation profile, or None for a static batch."""
+    if not dynamic:
+        return None
+    chw = tuple(input_size)
+    return (1, *chw), (batch, *chw), (max(2 * batch, 32), *chw)
+
+
+def config_options(*, input_size, batch: int, dynamic: bool, half: bool, int8: bool,
+                   workspace_mb: int) -> dict[str, Any]:
+    """What kdexport asks of Polygraphy's CreateConfig, as plain values (checked on any machine)."""
+    if workspace_mb < 1:
+        raise ExportFailed(f"the TensorRT workspace must be >= 1 MiB, got {workspace_mb}")
+    return {"tf32": False, "fp16": half, "int8": int8, "workspace_bytes": workspace_mb << 20,
+            "profile": profile_shapes(input_size, batch, dynamic)}
+
+
+def _polygraphy_trt():
+    """polygraphy.backend.trt, or one line saying TensorRT is installed but broken."""
     try:
-        import tensorrt  # lazy: optional (kdexport[tensorrt]), GPU machines only
+        import tensorrt  # noqa: F401  # lazy: optional (kdexport[tensorrt]), GPU machines only
+        from polygraphy.backend import trt as ptrt  # lazy: optional (kdexport[tensorrt])
     except ImportError as exc:
-        raise TensorRTUnavailable(f"the tensorrt package is installed but does not import ({exc}): reinstall "
-                                  "it, matching this machine's CUDA driver") from None
-    return tensorrt
+        raise TensorRTUnavailable(f"tensorrt or polygraphy is installed but does not import ({exc}): reinstall "
+                                  f"them, matching this machine's CUDA driver: {INSTALL}") from None
+    return ptrt
 
 
-@functools.cache
-def _logger():
-    """One logger for the process: TensorRT keeps a pointer to it in every builder and runtime."""
-    return _trt().Logger(_trt().Logger.WARNING)
+def _create_config(ptrt, options: dict[str, Any]):
+    import tensorrt as trt  # lazy: optional (kdexport[tensorrt]), GPU machines only
+
+    profiles = None
+    if options["profile"] is not None:
+        lo, opt, hi = options["profile"]
+        profiles = [ptrt.Profile().add(INPUT, min=lo, opt=opt, max=hi)]
+    return ptrt.CreateConfig(tf32=options["tf32"], fp16=options["fp16"], int8=options["int8"], profiles=profiles,
+                             memory_pool_limits={trt.MemoryPoolType.WORKSPACE: options["workspace_bytes"]})
 
 
-def build_engine(onnx: bytes, *, input_size, batch: int, dynamic: bool, half: bool, int8: bool,
-                 workspace_mb: int) -> tuple[bytes, float]:
-    """Parse ONNX, build a serialised engine; returns (engine bytes, build seconds).
-
-    dynamic: one optimisation profile with batch min 1 / opt `batch` / max max(2 * batch, 32)."""
-    trt = _trt()
-    major = int(trt.__version__.split(".")[0])
-    weak_typing = hasattr(trt.BuilderFlag, "FP16")  # TensorRT <= 10
-    if half and not weak_typing:
-        raise TensorRTUnavailable(f"--half needs BuilderFlag.FP16, which TensorRT {trt.__version__} removed "
-                                  "(strong typing only): pip install 'tensorrt>=10,<11', or export fp32 / --int8")
-    logger = _logger()
-    builder = trt.Builder(logger)
-    # TensorRT 10 is explicit-batch only (the flag is deprecated); 8.x still needs it
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportFailed(f"TensorRT's ONNX parser rejected the model: {errors[:400]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if not half and not int8 and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if half:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if int8 and weak_typing:
-        config.set_flag(trt.BuilderFlag.INT8)  # with Q/DQ in the graph: explicit quantisation, no calibrator
-    if dynamic:
-        name = network.get_input(0).name
-        profile = builder.create_optimization_profile()
-        profile.set_shape(name, (1, *input_size), (batch, *input_size), (max(2 * batch, 32), *input_size))
-        config.add_optimization_profile(profile)
+def build_engine(onnx: bytes, **options: Any) -> tuple[bytes, float]:
+    """Parse ONNX and build a serialised engine with Polygraphy; (engine bytes, build seconds)."""
+    ptrt = _polygraphy_trt()
+    opts = config_options(**options)
     start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if plan is None:
-        raise ExportFailed("TensorRT could not build the engine (see its log above); try a larger --workspace")
-    return bytes(plan), seconds
+    try:
+        engine = ptrt.engine_from_network(ptrt.network_from_onnx_bytes(onnx), config=_create_config(ptrt, opts))
+    except Exception as exc:  # Polygraphy raises PolygraphyException with TensorRT's own message
+        raise ExportFailed(f"TensorRT (through Polygraphy) could not build the engine: {str(exc)[:400]}; try a "
+                           "larger --workspace") from None
+    return bytes(ptrt.bytes_from_engine(engine)), time.perf_counter() - start
 
 
 class EngineRunner:
-    """A serialised engine as a runner: torch CUDA tensors as I/O buffers, run on its own stream."""
+    """A serialised engine run by Polygraphy's TrtRunner: a runner (NCHW float32 -> logits) for checks, and
+    `prepare(batch)` for the profiler (inputs already on the GPU; `infer` returns once the GPU is done)."""
 
     runtime = "tensorrt"
+    torch_allocates = True
 
     def __init__(self, plan: bytes):
-        trt = _trt()
-        self.torch = torch
-        self.runtime_ = trt.Runtime(_logger())
-        self.engine = self.runtime_.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise ExportFailed("TensorRT could not deserialise the engine it just built")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ExportFailed(f"the engine has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 and 1")
-        self.input, self.output = inputs[0], outputs[0]
-        shape = list(self.engine.get_tensor_shape(self.input))
-        if shape[0] == -1:  # dynamic batch: bounded by profile 0
-            self.fixed, self.max_batch = None, list(self.engine.get_tensor_profile_shape(self.input, 0)[2])[0]
+        ptrt = _polygraphy_trt()
+        try:
+            self.runner = ptrt.TrtRunner(ptrt.engine_from_bytes(plan))
+            self.runner.activate()
+        except Exception as exc:
+            raise TensorRTUnavailable(f"TensorRT could not load the engine ({str(exc)[:200]}): an engine runs only "
+                                      "with the TensorRT version and GPU it was built for; rebuild it here") from None
+        meta = self.runner.get_input_metadata()
+        if len(meta) != 1:
+            raise ExportFailed(f"the engine has {len(meta)} inputs; kdexport runs 1-input models")
+        self.input, info = next(iter(meta.items()))
+        engine = self.runner.context.engine
+        if info.shape[0] in (-1, None) or not isinstance(info.shape[0], int):
+            lo, _, hi = (list(s) for s in engine.get_tensor_profile_shape(self.input, 0))
+            self.batch_range, self.input_size = (lo[0], hi[0]), tuple(hi[1:])
         else:
-            self.fixed = self.max_batch = shape[0]
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def _dtype(self, name: str):
-        table = {"FLOAT": self.torch.float32, "HALF": self.torch.float16, "BF16": self.torch.bfloat16,
-                 "INT8": self.torch.int8, "INT32": self.torch.int32}
-        return table[self.engine.get_tensor_dtype(name).name]
+            self.batch_range, self.input_size = (info.shape[0], info.shape[0]), tuple(info.shape[1:])
+        size_v2 = getattr(engine, "device_memory_size_v2", None)
+        self.extra_cuda_bytes = size_v2 if size_v2 is not None else engine.device_memory_size
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch, outs = self.torch, []
-        for chunk, n in batches(x.astype(np.float32), self.max_batch, pad=self.fixed is not None):
-            xi = torch.from_numpy(chunk).to("cuda", self._dtype(self.input))
-            if not self.context.set_input_shape(self.input, tuple(xi.shape)):
-                raise ExportFailed(f"TensorRT rejected input shape {tuple(xi.shape)}")
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda",
-                              dtype=self._dtype(self.output))
-            self.context.set_tensor_address(self.input, xi.data_ptr())
-            self.context.set_tensor_address(self.output, out.data_ptr())
-            torch.cuda.current_stream().synchronize()  # xi was written on torch's stream
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise ExportFailed("TensorRT execution failed; see its log above")
-            self.stream.synchronize()
-            outs.append(out.float().cpu().numpy()[:n])
+        lo, hi = self.batch_range
+        outs = []
+        for chunk, n in batches(x.astype(np.float32), hi, pad=lo == hi):
+            out = self.runner.infer({self.input: chunk})
+            outs.append(np.asarray(next(iter(out.values())), dtype=np.float32)[:n])
         return np.concatenate(outs)
+
+    def prepare(self, batch: int):
+        x = torch.randn(batch, *self.input_size, device="cuda")
+        feed = {self.input: x}
+        return lambda: self.runner.infer(feed, copy_outputs_to_host=False)
+
+    def stream(self):
+        return None  # TrtRunner.infer synchronises its stream: the host clock times the whole query
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.deactivate()
+            self.runner = None
+
+
+def layerwise(onnx: bytes, images: np.ndarray, options: dict[str, Any], atol: float) -> str:
+    """Polygraphy's layer-wise comparison: ONNX Runtime vs TensorRT with every tensor marked as an output, on a
+    few parity images; the first tensors (in graph order) whose values differ by more than `atol`."""
+    ptrt = _polygraphy_trt()
+    # lazy: optional (kdexport[tensorrt])
+    from polygraphy import constants
+    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromBytes
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    marked = BytesFromOnnx(ModifyOutputs(OnnxFromBytes(onnx), outputs=constants.MARK_ALL))
+    network = ptrt.ModifyNetworkOutputs(ptrt.NetworkFromOnnxBytes(onnx), outputs=constants.MARK_ALL)
+    engine = ptrt.EngineFromNetwork(network, config=_create_config(ptrt, config_options(**options)))
+    static = not options["dynamic"]
+    size = options["batch"] if static else 1  # a static engine takes exactly its batch
+    feeds = [{INPUT: c} for c, _ in batches(images[: max(size, 4)].astype(np.float32), size, pad=static)]
+    results = Comparator.run([OnnxrtRunner(SessionFromOnnx(marked)), ptrt.TrtRunner(engine)], data_loader=feeds)
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=atol))
+    order = [name for name in results[0][1][0].keys()]
+    bad = [name for pair in accuracy.values() for it in pair for name, ok in it.items() if not ok]
+    first = sorted(set(bad), key=lambda n: order.index(n) if n in order else len(order))[:3]
+    return f"first tensors that differ (Polygraphy, atol {atol:g}): {', '.join(first)}" if first else \
+        "Polygraphy's layer-wise comparison found no tensor over the tolerance before the output"

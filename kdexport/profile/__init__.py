@@ -2,8 +2,9 @@
 
 Method: `warmup` untimed queries, then `iters` timed ones, each issued after the previous has finished. Torch
 runs under `torch.inference_mode`. On CUDA the input already lives on the device and each query is timed with
-CUDA events on its stream (ORT, whose `run` blocks, with the host clock). The thread count is fixed
-(`torch.set_num_threads`, ORT `intra_op_num_threads`), recorded, and torch's is restored afterwards.
+CUDA events on its stream (ORT, OpenVINO and TensorRT through Polygraphy, whose calls block, with the host
+clock). The thread count is fixed (`torch.set_num_threads`, ORT `intra_op_num_threads`, OpenVINO
+`INFERENCE_NUM_THREADS`), recorded, and torch's is restored afterwards.
 
 Percentiles: numpy's "linear" method (Hyndman-Fan type 7, interpolation between order statistics); std is
 the sample std. An ONNX model or engine whose batch dimension is fixed skips the batch sizes it cannot take,

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..errors import ConfigError, KdexportError
-from ..export import export_onnx
+from ..export import export_onnx, openvino_ir
+from ..export.tensorrt_engine import EngineRunner
 from ..kernels.modules import SparsifyConfig, sparsify_
 from ..preflight import read_onnx
 from ..vocab import Backend
@@ -42,15 +43,18 @@ NEEDS = {  # backend -> (what it needs, how to get it)
                        "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"),
     Backend.ORT_TRT: ("onnxruntime-gpu with its TensorRT provider, the TensorRT libraries and a CUDA GPU",
                       "pip uninstall -y onnxruntime && pip install onnxruntime-gpu tensorrt"),
-    Backend.TENSORRT: ("the tensorrt package and a CUDA GPU", "pip install 'kdexport[tensorrt]'"),
+    Backend.TENSORRT: ("the tensorrt and polygraphy packages and a CUDA GPU", "pip install 'kdexport[tensorrt]'"),
+    Backend.OPENVINO: ("the openvino package", openvino_ir.INSTALL),
 }
 _TORCH_KINDS, _ORT_KINDS = ("module", "checkpoint"), ("onnx", "checkpoint", "module")
 _KINDS = {Backend.TORCH: _TORCH_KINDS, Backend.TORCH_SPARSE: _TORCH_KINDS, Backend.ORT_CPU: _ORT_KINDS,
-          Backend.ORT_CUDA: _ORT_KINDS, Backend.ORT_TRT: _ORT_KINDS, Backend.TENSORRT: ("engine",)}
+          Backend.ORT_CUDA: _ORT_KINDS, Backend.ORT_TRT: _ORT_KINDS, Backend.TENSORRT: ("engine",),
+          Backend.OPENVINO: (*_ORT_KINDS, "openvino")}
 AUTO_CANDIDATES = {  # (artifact kind, device) -> candidates, in order of preference on a tie
     ("module", "cpu"): (Backend.ORT_CPU, Backend.TORCH),
     ("checkpoint", "cpu"): (Backend.ORT_CPU, Backend.TORCH),
     ("onnx", "cpu"): (Backend.ORT_CPU,), ("engine", "cpu"): (Backend.TENSORRT,),
+    ("openvino", "cpu"): (Backend.OPENVINO,), ("openvino", "cuda"): (Backend.OPENVINO,),
     ("module", "cuda"): (Backend.ORT_TRT, Backend.ORT_CUDA, Backend.TORCH_SPARSE, Backend.TORCH),
     ("onnx", "cuda"): (Backend.ORT_TRT, Backend.ORT_CUDA), ("engine", "cuda"): (Backend.TENSORRT,),
 }
@@ -78,8 +82,9 @@ def reason_for(backend: Backend) -> str | None:
     if backend is Backend.TORCH_SPARSE:
         missing += [m for m in ("triton", "kdexport.kernels.modules") if not _installed(m)]
     elif backend is Backend.TENSORRT:
-        if not _installed("tensorrt"):
-            missing.append("the tensorrt package")
+        missing += [f"the {m} package" for m in ("tensorrt", "polygraphy") if not _installed(m)]
+    elif backend is Backend.OPENVINO:
+        missing += [] if _installed("openvino") else ["the openvino package"]
     elif not _installed("onnxruntime"):
         missing.append("onnxruntime")
     else:
@@ -105,7 +110,8 @@ class Skip(Exception):
 
 
 class Artifact:
-    """What is profiled: an nn.Module, a checkpoint, ONNX (file or bytes) or a TensorRT engine file."""
+    """What is profiled: an nn.Module, a checkpoint, ONNX (file or bytes), a TensorRT engine file or an OpenVINO
+    IR (.xml, its .bin beside it)."""
 
     def __init__(self, obj: str | Path | bytes | nn.Module):
         self.path: Path | None = None
@@ -132,12 +138,17 @@ class Artifact:
             self.kind = "onnx"
         elif suffix in (".engine", ".plan", ".trt"):
             self.kind = "engine"
+        elif suffix == ".xml":
+            self.kind = "openvino"
         elif suffix in (".pt", ".pth", ".ckpt") or zip_magic:
             self.kind = "checkpoint"
         else:
-            raise ConfigError(f"cannot tell what {self.path} is: profile a .pt checkpoint, an .onnx model or "
-                              "a TensorRT .engine")
+            raise ConfigError(f"cannot tell what {self.path} is: profile a .pt checkpoint, an .onnx model, "
+                              "a TensorRT .engine or an OpenVINO .xml")
         self.nbytes = _onnx_bytes(self.path) if self.kind == "onnx" else self.path.stat().st_size
+        if self.kind == "openvino":
+            weights = self.path.with_suffix(".bin")
+            self.nbytes += weights.stat().st_size if weights.is_file() else 0
 
     def model(self) -> nn.Module:
         if self._model is None:
@@ -146,7 +157,7 @@ class Artifact:
         return self._model
 
     def onnx(self, input_size=None) -> Path | bytes:
-        if self.kind == "onnx":
+        if self.kind in ("onnx", "openvino"):
             return self.path or self.data
         if self._onnx is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kdexport-profile-")
@@ -292,76 +303,54 @@ def _trt_profile(source: Path | bytes, input_size, max_batch: int) -> dict[str, 
     return options
 
 
-class _TensorRTRunner:
-    """A serialised TensorRT 10.x engine, torch CUDA tensors as its I/O buffers, run on its own stream."""
-
-    torch_allocates = True
+class _TensorRTRunner(EngineRunner):
+    """A serialised TensorRT engine, run by Polygraphy's TrtRunner (kdexport.export.tensorrt_engine)."""
 
     def __init__(self, art: Artifact, input_size):
-        import tensorrt as trt  # lazy: optional (kdexport[tensorrt]), GPU machines only
-
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(art.path.read_bytes())
-        if self.engine is None:
-            raise KdexportError(f"TensorRT could not load {art.path}: an engine runs only with the TensorRT "
-                                "version and GPU it was built for; rebuild it here with `kdexport export`")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = self.engine.get_tensor_mode
-        inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1:
-            raise ConfigError(f"the engine has {len(inputs)} inputs; kdexport profiles 1-input models")
-        self.input = inputs[0]
-        dims = list(self.engine.get_tensor_shape(self.input))
-        if len(dims) != 4:
-            raise ConfigError(f"the engine input has shape {dims}; expected N,C,H,W")
-        if -1 in dims:  # dynamic: the optimisation profile bounds each dimension
-            lo, _, hi = (list(d) for d in self.engine.get_tensor_profile_shape(self.input, 0))
-            self.batch_range = (lo[0], hi[0])
-            wanted = input_size or (tuple(hi[1:]) if lo[1:] == hi[1:] else None)
-        else:
-            self.batch_range, wanted = (dims[0], dims[0]), input_size
-        self.input_size = _chw([d if d > 0 else None for d in dims[1:]], wanted, "the engine input")
-        self.context = self.engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
-        self.buffers: list[torch.Tensor] = []
-        size_v2 = getattr(self.engine, "device_memory_size_v2", None)
-        self.extra_cuda_bytes = size_v2 if size_v2 is not None else self.engine.device_memory_size
-
-    def _dtype(self, name: str) -> torch.dtype:
-        table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                 "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
-        return table[self.engine.get_tensor_dtype(name).name]
+        super().__init__(art.path.read_bytes())
+        self.input_size = _chw(list(self.input_size), input_size, "the engine input")
 
     def prepare(self, batch: int) -> Callable[[], Any]:
         lo, hi = self.batch_range
         if not lo <= batch <= hi:
             raise Skip(f"batch {batch} skipped: the engine takes batches {lo}..{hi}; rebuild it with a "
                        "profile that covers it")
-        shape = (batch, *self.input_size)
-        if not self.context.set_input_shape(self.input, shape):
-            raise ConfigError(f"TensorRT rejected input shape {shape} for this engine")
-        x = torch.randn(shape, device="cuda").to(self._dtype(self.input))
-        self.buffers = [x]
-        self.context.set_tensor_address(self.input, x.data_ptr())
-        for name in self.outputs:
-            shape_out = tuple(self.context.get_tensor_shape(name))
-            self.buffers.append(torch.empty(shape_out, device="cuda", dtype=self._dtype(name)))
-            self.context.set_tensor_address(name, self.buffers[-1].data_ptr())
-        torch.cuda.synchronize()  # buffers were written on torch's stream; queries run on ours
-        handle = self._stream.cuda_stream
+        return super().prepare(batch)
 
-        def run() -> None:
-            if not self.context.execute_async_v3(handle):
-                raise KdexportError("TensorRT execution failed; see the TensorRT log above")
-        return run
+
+class _OpenVINORunner:
+    """OpenVINO on one device (--ov-device), recompiled per batch size with that static shape (OpenVINO's own
+    latency practice; NPUs need static shapes), LATENCY hint, one stream, `threads` inference threads on CPU.
+    `infer` blocks until the device is done: the host clock times each query."""
+
+    torch_allocates, extra_cuda_bytes = False, 0
+
+    def __init__(self, art: Artifact, threads: int, input_size, ov_device: str):
+        reason = openvino_ir.missing(ov_device)
+        if reason:
+            raise BackendUnavailable(reason)
+        self.model, self.ov_device, self.threads = openvino_ir.read(art.onnx(input_size)), ov_device, threads
+        shape = self.model.input(0).get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        self.fixed = dims[0]
+        self.input_size = _chw(dims[1:], input_size or art.spec_size, "the model input")
+        self.device_name = openvino_ir.device_name(ov_device)
+
+    def prepare(self, batch: int) -> Callable[[], Any]:
+        if self.fixed is not None and self.fixed != batch:
+            raise Skip(f"batch {batch} skipped: the model has a fixed batch of {self.fixed}; re-export it with "
+                       "--dynamic to profile it")
+        self.model.reshape({0: [batch, *self.input_size]})
+        compiled = openvino_ir.compile_model(self.model, self.ov_device, self.threads, latency=True)
+        request = compiled.create_infer_request()
+        x = np.random.default_rng(0).standard_normal((batch, *self.input_size), dtype=np.float32)
+        return lambda: request.infer({0: x})
 
     def stream(self):
-        return self._stream
+        return None
 
     def close(self) -> None:
-        self.context = self.engine = self.runtime = None
-        self.buffers = []
+        self.model = None
 
 
 def _chw(dims, wanted, what: str) -> tuple[int, int, int]:
@@ -379,13 +368,15 @@ def _chw(dims, wanted, what: str) -> tuple[int, int, int]:
     return tuple(static)
 
 
-def make_runner(backend: Backend, art: Artifact, *, device: str, threads: int, input_size, batch_sizes):
+def make_runner(backend: Backend, art: Artifact, *, device: str, threads: int, input_size, batch_sizes,
+                ov_device: str = "CPU"):
     """The runner for `backend` on `art`, or BackendUnavailable naming what is missing."""
     if art.kind not in _KINDS[backend]:
-        hint = {"onnx": "use --backend ort-cpu, ort-cuda or ort-trt", "engine": "use --backend tensorrt"}.get(
+        hint = {"onnx": "use --backend ort-cpu, ort-cuda, ort-trt or openvino", "engine": "use --backend tensorrt",
+                "openvino": "use --backend openvino"}.get(
             art.kind, "build an engine with `kdexport export`, then profile the .engine")
-        what = {"onnx": "an ONNX model", "engine": "a TensorRT engine", "module": "an in-memory module"}.get(
-            art.kind, "a checkpoint")
+        what = {"onnx": "an ONNX model", "engine": "a TensorRT engine", "module": "an in-memory module",
+                "openvino": "an OpenVINO IR"}.get(art.kind, "a checkpoint")
         raise BackendUnavailable(f"backend '{backend.value}' cannot run {what} ({art.label}): {hint}")
     reason = reason_for(backend)
     if reason is None and device == "cuda" and cuda_reason():
@@ -396,4 +387,6 @@ def make_runner(backend: Backend, art: Artifact, *, device: str, threads: int, i
         return _TorchRunner(art, backend, device, input_size)
     if backend is Backend.TENSORRT:
         return _TensorRTRunner(art, input_size)
+    if backend is Backend.OPENVINO:
+        return _OpenVINORunner(art, threads, input_size, ov_device)
     return OrtRunner(art, backend, threads, input_size, batch_sizes)

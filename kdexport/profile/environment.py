@@ -21,7 +21,7 @@ _DISTRIBUTIONS = {  # reported name -> distributions that provide it, first foun
     "torch": ("torch",), "torchvision": ("torchvision",), "numpy": ("numpy",), "onnx": ("onnx",),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
-    "triton": ("triton", "pytorch-triton"),
+    "triton": ("triton", "pytorch-triton"), "openvino": ("openvino",), "polygraphy": ("polygraphy",),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..vocab import Backend
+from ..vocab import OV_DEVICES, Backend
 from .backends import (
     AUTO_CANDIDATES,
     GPU_ONLY,
@@ -51,6 +51,7 @@ class ProfileConfig:
     iters: int = 50
     threads: int | None = None
     input_size: tuple[int, int, int] | None = None  # (C, H, W); None: from the checkpoint, ONNX or engine
+    ov_device: str | None = None  # OpenVINO's device (CPU, GPU or NPU) for backend openvino [CPU]
 
     def __post_init__(self) -> None:
         try:
@@ -65,6 +66,12 @@ class ProfileConfig:
             raise ConfigError(f"backend '{backend.value}' runs on cuda only; drop --device cpu")
         if backend is Backend.ORT_CPU and device != "cpu":
             raise ConfigError("backend 'ort-cpu' runs on cpu only; use --backend ort-cuda for the GPU")
+        if backend is Backend.OPENVINO and device != "cpu":
+            raise ConfigError("backend 'openvino' picks its device with --ov-device CPU, GPU or NPU; drop --device")
+        if self.ov_device is not None and backend not in (Backend.OPENVINO, Backend.AUTO):
+            raise ConfigError("--ov-device picks OpenVINO's device: pass it with --backend openvino")
+        if self.ov_device is not None and self.ov_device not in OV_DEVICES:
+            raise ConfigError(f"--ov-device must be one of {', '.join(OV_DEVICES)}, got {self.ov_device!r}")
         sizes = tuple(self.batch_sizes) if isinstance(self.batch_sizes, Sequence) else (self.batch_sizes,)
         if not sizes or len(set(sizes)) < len(sizes) or not all(isinstance(b, int) and b > 0 for b in sizes):
             raise ConfigError(f"batch sizes must be distinct positive integers, got {self.batch_sizes!r}")
@@ -208,7 +215,7 @@ def _measure_batch(runner, batch: int, warmup: int, iters: int, device: str) -> 
 
 def _runner_args(config: ProfileConfig) -> dict[str, Any]:
     return {"device": config.device, "threads": config.threads, "input_size": config.input_size,
-            "batch_sizes": config.batch_sizes}
+            "batch_sizes": config.batch_sizes, "ov_device": config.ov_device or "CPU"}
 
 
 def _choose(art: Artifact, config: ProfileConfig) -> tuple[Any, Backend, str]:
@@ -271,6 +278,7 @@ def profile(artifact: str | Path | bytes | nn.Module, config: ProfileConfig | No
             else:
                 backend = config.backend
                 runner = make_runner(backend, art, **_runner_args(config))
+            ov_device = getattr(runner, "device_name", None)
             try:
                 for batch in config.batch_sizes:
                     try:
@@ -289,6 +297,8 @@ def profile(artifact: str | Path | bytes | nn.Module, config: ProfileConfig | No
     if not rss_scoped:
         notes.append("peak_rss_mb is the process-lifetime peak (resetting VmHWM is not permitted here)")
     env = environment(config.device, threads=config.threads)
+    if ov_device is not None:  # the device OpenVINO ran on, as it names it
+        env["openvino_device"] = f"{config.ov_device or 'CPU'}: {ov_device}"
     notes += env["warnings"]
     return ProfileResult(art.label, art.kind, art.nbytes, backend.value, config.device, config.threads,
                          config.warmup, config.iters, runner.input_size, env, tuple(results), tuple(notes))

@@ -38,8 +38,9 @@ from kdexport.prune import PruneConfig, prune_checkpoint
 runner = CliRunner()
 STUDENTS = ("mobilenet", "resnet50", "resnet34", "resnet18", "densenet169", "densenet201", "efficientnet_b0",
             "efficientnet_b2", "efficientnet_b4", "squeezenet1_1")
-HAS_TRT = torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
-needs_trt = pytest.mark.skipif(not HAS_TRT, reason="needs a CUDA GPU and the tensorrt package")
+HAS_TRT = torch.cuda.is_available() and all(importlib.util.find_spec(m) is not None for m in ("tensorrt",
+                                                                                             "polygraphy"))
+needs_trt = pytest.mark.skipif(not HAS_TRT, reason="needs a CUDA GPU and the tensorrt and polygraphy packages")
 
 
 def distilled(student: str, teacher: str = "resnet18") -> DistilledStudent:
@@ -224,7 +225,8 @@ def test_int8_reports_accuracy_before_and_after(tmp_path, teacher_ckpt):
     result = invoke(teacher_ckpt, "--int8", "--calib", 64, "--dynamic", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
-    assert res["precision"] == "int8" and res["calib_images"] == 64 and res["eval_images"] == 360
+    assert res["precision"] == "int8" and res["calib_images"] == 64 and res["eval_images"] == 216  # val
+    assert res["eval_split"] == "val" and res["test_images"] == 360
     assert res["int8_target"] == "tensorrt" and res["notes"] == [CPU_NOTE]
     assert res["accuracy_fp32"] > 50  # the fixture is a trained LeNet-5 (kind "model")
     assert res["accuracy_delta"] == pytest.approx(res["accuracy_int8"] - res["accuracy_fp32"])
@@ -320,7 +322,7 @@ def test_export_onnx_for_profiling(tmp_path, teacher_ckpt):
 def test_tensorrt_refused_before_any_work(tmp_path):
     result = invoke(tmp_path / "not-even-there.pt", "--format", "trt")
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "--format tensorrt needs a CUDA GPU and the tensorrt package" in result.output
+    assert "--format tensorrt needs a CUDA GPU and the tensorrt and polygraphy packages" in result.output
     assert "pip install 'kdexport[tensorrt]'" in result.output
 
 
