@@ -42,6 +42,7 @@ def fragile_ckpt(teacher_ckpt, tmp_path_factory):
     return path
 
 
+@pytest.mark.openvino
 def test_int8_gate_refuses_a_drop_and_writes_nothing(tmp_path, fragile_ckpt, monkeypatch):
     monkeypatch.setattr(calibrate, "EXCLUDE_STEPS", ())  # no fp32 nodes allowed: the drop stays
     out = tmp_path / "old.onnx"
@@ -60,6 +61,7 @@ def test_int8_gate_refuses_a_drop_and_writes_nothing(tmp_path, fragile_ckpt, mon
     assert onnx_metadata(out)["precision"] == "int8"
 
 
+@pytest.mark.openvino
 def test_sensitivity_keeps_the_damaging_node_in_fp32(tmp_path, fragile_ckpt):
     out = tmp_path / "f.onnx"
     res = export(fragile_ckpt, ExportConfig(int8=True, calib_method="minmax", calib=32, out=out))
@@ -80,6 +82,7 @@ def test_sensitivity_keeps_the_damaging_node_in_fp32(tmp_path, fragile_ckpt):
     assert json.loads(meta["calibration_search"])["trials"][1]["fp32_nodes"] == [CRUSHED]
 
 
+@pytest.mark.openvino
 def test_auto_search_is_within_its_budget_and_uses_the_right_splits(tmp_path, teacher_ckpt, monkeypatch):
     seen = []
     original = int8_stage.eval_images
@@ -122,6 +125,7 @@ def test_config_refuses(kwargs, needle):
 
 
 # ------------------------------------------------------------------------------------------- OpenVINO IR
+@pytest.mark.openvino
 def test_openvino_ir_export_with_parity(tmp_path, teacher_ckpt):
     out = tmp_path / "m.xml"
     result = invoke(teacher_ckpt, "--format", "openvino", "--dynamic", "--out", out, "--json")
@@ -139,6 +143,7 @@ def test_openvino_ir_export_with_parity(tmp_path, teacher_ckpt):
     assert core_model.get_rt_info(["kdexport", "precision"]).astype(str) == "fp32"
 
 
+@pytest.mark.openvino
 def test_openvino_int8_ir(tmp_path, teacher_ckpt):
     res = export(teacher_ckpt, ExportConfig("openvino", int8=True, calib=32, calib_method="minmax",
                                             out=tmp_path / "q.xml"))
@@ -153,6 +158,7 @@ def test_openvino_missing_is_refused_naming_the_extra(tmp_path, teacher_ckpt, mo
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.openvino
 def test_failed_openvino_parity_leaves_no_files(tmp_path, teacher_ckpt, monkeypatch):
     monkeypatch.setattr(openvino_ir.OpenVINORunner, "__call__", lambda self, x: np.zeros((len(x), 10)))
     with pytest.raises(Exception, match="openvino-cpu fp32 disagrees with PyTorch, nothing was written"):
@@ -161,6 +167,7 @@ def test_failed_openvino_parity_leaves_no_files(tmp_path, teacher_ckpt, monkeypa
 
 
 
+@pytest.mark.openvino
 def test_json_output_stays_clean_with_histogram_calibrators(tmp_path, teacher_ckpt):
     """ORT's Entropy and Percentile calibrators print progress; --json's stdout must still parse."""
     result = invoke(teacher_ckpt, "--int8", "--calib-method", "percentile", "--calib", 16, "--eval-limit", 32,

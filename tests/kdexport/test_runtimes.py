@@ -22,6 +22,7 @@ FAST = dict(warmup=1, iters=5, threads=1)
 
 
 # ------------------------------------------------------------------------------------------- OpenVINO
+@pytest.mark.openvino
 def test_profile_openvino_on_cpu(teacher_ckpt):
     result = runner.invoke(cli.app, ["profile", str(teacher_ckpt), "--backend", "openvino", "--ov-device", "CPU",
                                      "--batch", "1,4", "--warmup", "1", "--iters", "5", "--threads", "1", "--json"])
@@ -34,6 +35,7 @@ def test_profile_openvino_on_cpu(teacher_ckpt):
     assert env["versions"]["openvino"] and env["openvino_device"].startswith("CPU: ")
 
 
+@pytest.mark.openvino
 def test_profile_openvino_ir_with_a_fixed_batch(tmp_path, teacher_ckpt):
     xml = tmp_path / "m.xml"
     export(teacher_ckpt, ExportConfig("openvino", batch=2, out=xml))
@@ -130,6 +132,7 @@ def test_tensorrt_is_handed_the_verified_onnx(tmp_path, teacher_ckpt, fake_gpu):
     assert (tmp_path / "m.engine").read_bytes() == model
 
 
+@pytest.mark.openvino
 def test_tensorrt_int8_gets_the_chosen_qdq_model_and_gates_on_the_engine(tmp_path, teacher_ckpt, fake_gpu):
     res = export(teacher_ckpt, ExportConfig("trt", int8=True, calib=32, calib_method="minmax",
                                             out=tmp_path / "q.engine"))
