@@ -45,6 +45,7 @@ def test_profile_openvino_ir_with_a_fixed_batch(tmp_path, teacher_ckpt):
     assert r.artifact_bytes == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
 
 
+@pytest.mark.openvino
 def test_openvino_refusals(teacher_ckpt, monkeypatch):
     class Core:
         available_devices = ["CPU"]
