@@ -8,7 +8,7 @@ from .pairs import PAIRS, Pair, resolve_pair
 from .registry import DEFAULT_STEM, STEMS, count_params, create_model, list_models, register_model
 
 __all__ = [
-    "ClassifierHead", "classify", "DistilledStudent", "build_projector", "is_distilled", "projector_kernel", "ModelError",
-    "PretrainedWeightsError", "PAIRS", "Pair", "resolve_pair", "DEFAULT_STEM", "STEMS",
+    "ClassifierHead", "classify", "DistilledStudent", "build_projector", "is_distilled", "projector_kernel",
+    "ModelError", "PretrainedWeightsError", "PAIRS", "Pair", "resolve_pair", "DEFAULT_STEM", "STEMS",
     "count_params", "create_model", "list_models", "register_model",
 ]

@@ -25,7 +25,8 @@ class PruneConfig:
     - `steps`: iterative pruning, each step removing 1 - (1 - amount) ** (1 / steps) of what remains, with
       fine-tuning between steps (in `prune_checkpoint`); without training between, k steps equal one.
     - `min_layer_density`: global weight pruning keeps at least this fraction of every layer's weights
-      (0: plain global L1; at most 1 - amount is used). Without it, 90% global L1 emptied a SimKD projector and left the student at chance.
+      (0: plain global L1; at most 1 - amount is used). Without it, 90% global L1 emptied a SimKD projector
+      and left the student at chance.
     - `rewind`: lottery-ticket rewinding, after each pruning step the survivors go back to their
       post-distillation values (the input checkpoint's) before fine-tuning; a no-op when steps == 1.
     """

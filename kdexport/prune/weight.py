@@ -74,13 +74,14 @@ def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float)
     after fine-tuning. With floor 0 this is exactly global L1.
     """
     weights = [m.weight.detach() for m in layers]  # masked weights read zero
-    alive = [(m.weight_mask if prune.is_pruned(m) else torch.ones_like(w)).bool() for m, w in zip(layers, weights)]
+    alive = [(m.weight_mask if prune.is_pruned(m) else torch.ones_like(w)).bool()
+             for m, w in zip(layers, weights, strict=True)]
     counts = [int(a.sum()) for a in alive]
     keep_total = round((1.0 - amount) * sum(counts))
     scores = [torch.where(a, w.abs().float(), torch.full_like(w, -1.0, dtype=torch.float)).flatten()
-              for a, w in zip(alive, weights)]
+              for a, w in zip(alive, weights, strict=True)]
     reserved = []
-    for score, n in zip(scores, counts):
+    for score, n in zip(scores, counts, strict=True):
         k = min(n, math.ceil(min(floor, 1.0 - amount) * score.numel()))
         mask = torch.zeros_like(score, dtype=torch.bool)
         if k:
@@ -88,7 +89,7 @@ def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float)
         reserved.append(mask)
     rest = keep_total - sum(int(r.sum()) for r in reserved)
     if rest > 0:
-        pooled = torch.cat([torch.where(r, torch.full_like(s, -1.0), s) for r, s in zip(reserved, scores)])
+        pooled = torch.cat([torch.where(r, torch.full_like(s, -1.0), s) for r, s in zip(reserved, scores, strict=True)])
         chosen = torch.zeros_like(pooled, dtype=torch.bool)
         chosen[pooled.topk(rest).indices] = True
         chosen &= pooled >= 0  # never revive a pruned weight
@@ -96,7 +97,7 @@ def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float)
         for r in reserved:
             r |= chosen[offsets:offsets + r.numel()]
             offsets += r.numel()
-    for m, w, r in zip(layers, weights, reserved):
+    for m, w, r in zip(layers, weights, reserved, strict=True):
         prune.custom_from_mask(m, "weight", r.view_as(w))
 
 

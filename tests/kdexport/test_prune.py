@@ -17,7 +17,7 @@ from kdexport import models
 from kdexport.checkpoint import build_model, load_checkpoint, load_model, model_spec, save_checkpoint
 from kdexport.cli import app
 from kdexport.data import dataset_info
-from kdexport.distill import DistillConfig, DistilledStudent, student_spec
+from kdexport.distill import DistillConfig, DistilledStudent, new_student, student_spec
 from kdexport.errors import CheckpointError, ConfigError
 from kdexport.metrics import count_macs, global_sparsity
 from kdexport.prune import (
@@ -227,7 +227,7 @@ def distilled_run(tmp_path, teacher_ckpt):
     pair = models.resolve_pair("lenet5:lenet300_100")
     spec = {**student_spec(tspec, pair, DistillConfig()), "metrics": {"top1": 10.0}}
     torch.manual_seed(0)
-    model = DistilledStudent.from_models(teacher, models.create_model("lenet300_100"))
+    model = new_student(spec, teacher)  # as `kdexport distill` builds it (its projector kernel from the spec)
     save_checkpoint(run / "student.pt", model.state_dict(), spec)
     return run
 

@@ -141,7 +141,7 @@ def test_floor_zero_is_torch_global_l1():
     plain, ours = tiny_layer_net(), tiny_layer_net()
     torch_prune.global_unstructured([(plain[i], "weight") for i in (0, 2, 4)], torch_prune.L1Unstructured, amount=0.9)
     prune_weights_(ours, PruneConfig("weight", 0.9, min_layer_density=0.0))
-    assert all(torch.equal(a, b) for a, b in zip(masks(plain), masks(ours)))
+    assert all(torch.equal(a, b) for a, b in zip(masks(plain), masks(ours), strict=True))
     assert masks(ours)[1].sum() == 0  # plain global L1 empties the tiny layer: the failure the floor prevents
 
 
@@ -155,7 +155,8 @@ def test_the_floor_keeps_every_layer_alive_at_the_same_total():
     before = [m.clone().bool() for m in masks(net)]
     prune_weights_(net, PruneConfig("weight", 0.5))  # pruning again never goes below the floor
     assert int(masks(net)[1].sum()) == kept[1]
-    assert all(not (new.bool() & ~old).any() for new, old in zip(masks(net), before))  # nothing pruned comes back
+    revived = [(new.bool() & ~old).any() for new, old in zip(masks(net), before, strict=True)]
+    assert not any(revived)  # nothing pruned comes back
 
 
 def test_min_layer_density_is_checked():
