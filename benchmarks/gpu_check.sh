@@ -128,6 +128,8 @@ for name in ("pip", "setuptools", "wheel", "torch", "triton"):
         print(f"{name} {getattr(module, '__version__', '?')} at {module.__file__}")
     except ImportError:
         print(f"{name}: not installed")
+    except Exception as e:  # e.g. setuptools' distutils hack asserting after pip imported the stdlib's distutils
+        print(f"{name}: import failed ({type(e).__name__}: {e})")
 PY
     "$PY" -c 'import torch; print(torch.__version__, torch.__file__)' >"$SCRATCH/torch-before" 2>&1
     if [ $DRY = 1 ]; then site=(--target "$SCRATCH/site"); fi

@@ -85,7 +85,7 @@ def test_distill_then_evaluate(teacher_ckpt, tmp_path, method):
     backbone = 3 * 32 * 32 * 300 + 300 + 300 * 100 + 100
     if method == "simkd":  # deployed = backbone + projector + the teacher's classifier
         head = 120 * 84 + 84 + 84 * 10 + 10
-        projector = sum(p.numel() for p in build_projector(100, 120, 2).parameters())
+        projector = sum(p.numel() for p in build_projector(100, 120, 2, kernel=1).parameters())  # 1x1 maps
         assert row["kind"] == "distilled" and row["student_params"] == backbone
         assert row["deployed_params"] == backbone + projector + head > row["student_params"]
     else:  # vanilla KD ships the student alone, with its own classifier

@@ -105,7 +105,9 @@ def test_a_missing_wheel_folder_is_a_skip_and_a_spent_budget_cuts_parts(tmp_path
                                                                 "run benchmarks/gpu_wheels.sh first") for line in lines)
     cut = "skipped: the time budget is spent"
     assert any(line.startswith("1     imports") and line.endswith(cut) for line in lines)
-    assert done.returncode == 1 and lines[-1].endswith("1 parts failed, timed out or were cut")
+    cut_parts = sum(line.endswith(cut) for line in lines)  # "project" too where this python can build a wheel
+    assert cut_parts >= 1 and done.returncode == 1
+    assert lines[-1].endswith(f"{cut_parts} parts failed, timed out or were cut")
 
 
 def profile_json(path: Path, **p50_by_batch: float) -> None:
