@@ -68,10 +68,10 @@ def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float)
 
     Each layer first keeps its ceil(floor * size) largest unpruned weights (all of them if it has fewer left, so
     pruning again never goes below the floor); the rest of the budget goes to the largest remaining |w| over all
-    layers, as in `prune.global_unstructured`. Plain global L1
-    ranks raw magnitudes, which differ in scale from layer to layer: at 90% it masked all of MobileNet's SimKD
-    projector (1x1 convs with small weights), the student's output became a constant, and it stayed at chance
-    after fine-tuning. With floor 0 this is exactly global L1.
+    layers, as in `prune.global_unstructured`. Plain global L1 ranks raw magnitudes, which differ in scale from
+    layer to layer: at 90% it masked all of MobileNet's SimKD projector (1x1 convs with small weights), the
+    student's output became a constant, and it stayed at chance after fine-tuning. With floor 0 this is exactly
+    global L1.
     """
     weights = [m.weight.detach() for m in layers]  # masked weights read zero
     alive = [(m.weight_mask if prune.is_pruned(m) else torch.ones_like(w)).bool()
@@ -93,10 +93,8 @@ def _global_l1_with_floor_(layers: list[nn.Module], amount: float, floor: float)
         chosen = torch.zeros_like(pooled, dtype=torch.bool)
         chosen[pooled.topk(rest).indices] = True
         chosen &= pooled >= 0  # never revive a pruned weight
-        offsets = 0
-        for r in reserved:
-            r |= chosen[offsets:offsets + r.numel()]
-            offsets += r.numel()
+        for r, c in zip(reserved, chosen.split([r.numel() for r in reserved]), strict=True):
+            r |= c
     for m, w, r in zip(layers, weights, reserved, strict=True):
         prune.custom_from_mask(m, "weight", r.view_as(w))
 

@@ -12,6 +12,7 @@ from torch.nn.utils import prune as torch_prune
 from kdexport import models
 from kdexport.data import dataset_info, make_loader
 from kdexport.distill import DistilledStudent
+from kdexport.errors import ConfigError
 from kdexport.metrics import global_sparsity, layer_sparsity
 from kdexport.prune import (
     PruneConfig,
@@ -160,5 +161,5 @@ def test_the_floor_keeps_every_layer_alive_at_the_same_total():
 
 
 def test_min_layer_density_is_checked():
-    with pytest.raises(Exception, match="min_layer_density"):
+    with pytest.raises(ConfigError, match="min_layer_density"):
         PruneConfig("weight", 0.5, min_layer_density=1.5)
