@@ -9,7 +9,10 @@ pooling to the smaller map), so the deployed forward pass is exactly the one tha
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,63 @@ def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
 
 
-def simkd_step(teacher: nn.Module, cls_weight: float = 0.0):
+class TeacherMemo:
+    """A frozen teacher whose CPU outputs are remembered, keyed by its weights and the input batch's bytes.
+
+    The answer is exact: a hit returns the very tensor the teacher computed for the same weights and the same
+    input. It pays where stages of one process draw the same batches. In `compress`, distillation and every pruned
+    level's fine-tuning start their loaders from the run's seed, and nothing random runs between the draws, so they
+    shuffle and augment alike epoch by epoch, and the teacher runs once per distinct batch instead of once per
+    stage (benchmarks/RESULTS.md). The memo is shared by every TeacherMemo of the process and holds at most
+    `MAX_BYTES`, least recently used first out. CUDA inputs are passed through: there, the copy that would key
+    them costs about what the teacher does. Returned tensors are shared: read them, never modify them in place.
+    """
+
+    MAX_BYTES = 1 << 30
+    _store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+    _bytes = 0
+    hits = misses = 0
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+        digest = hashlib.blake2b(digest_size=16)
+        for name, t in teacher.state_dict().items():
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        self.fingerprint = digest.digest()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._remembered("features", x, self.teacher.forward_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._remembered("logits", x, self.teacher)
+
+    def _remembered(self, kind: str, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
+        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or self.teacher.training:
+            return compute(x)
+        digest = hashlib.blake2b(self.fingerprint, digest_size=16)
+        digest.update(f"{kind}{tuple(x.shape)}{x.dtype}".encode())
+        digest.update(x.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        key, cls = digest.digest(), TeacherMemo
+        if key in cls._store:
+            cls.hits += 1
+            cls._store.move_to_end(key)
+            return cls._store[key]
+        cls.misses += 1
+        out = compute(x).detach()
+        cls._store[key] = out
+        cls._bytes += out.nbytes
+        while cls._bytes > cls.MAX_BYTES and cls._store:
+            cls._bytes -= cls._store.popitem(last=False)[1].nbytes
+        return out
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._store.clear()
+        cls._bytes = cls.hits = cls.misses = 0
+
+
+def simkd_step(teacher: nn.Module | TeacherMemo, cls_weight: float = 0.0):
     """Training step for a DistilledStudent: MSE between projected student and teacher features.
 
     `cls_weight` > 0 adds cross-entropy on the deployed logits, i.e. through the projector and the frozen
@@ -119,7 +178,7 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, y: torch.Tensor, tem
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(logits_s.float(), y)
 
 
-def kd_step(teacher: nn.Module, temperature: float, alpha: float):
+def kd_step(teacher: nn.Module | TeacherMemo, temperature: float, alpha: float):
     def step(student: nn.Module, x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
             logits_t = teacher(x)
@@ -130,9 +189,14 @@ def kd_step(teacher: nn.Module, temperature: float, alpha: float):
 
 
 def distillation_step(student: nn.Module, teacher: nn.Module, method: str, temperature: float = 4.0,
-                      alpha: float = 0.9, cls_weight: float = 0.0):
-    """The training objective of a student of either kind (also used for fine-tuning after pruning)."""
+                      alpha: float = 0.9, cls_weight: float = 0.0, memo: bool = False):
+    """The training objective of a student of either kind (also used for fine-tuning after pruning).
+
+    `memo`: read the teacher's outputs through a TeacherMemo (exact; it pays when stages repeat batches).
+    """
     teacher.eval().requires_grad_(False)
+    if memo:
+        teacher = TeacherMemo(teacher)
     if method == "simkd":
         if not isinstance(student, DistilledStudent):
             raise ConfigError("SimKD needs a DistilledStudent (a checkpoint written by `kdexport distill`)")
@@ -174,7 +238,8 @@ def new_student(spec: dict[str, Any], teacher: nn.Module) -> nn.Module:
     return s
 
 
-__all__ = ["DistillConfig", "DistilledStudent", "build_projector", "align", "kd_loss", "distillation_step",
+__all__ = ["DistillConfig", "DistilledStudent", "TeacherMemo", "build_projector", "align", "kd_loss",
+           "distillation_step",
            "student_spec", "new_student"]
 
 
@@ -207,6 +272,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
             match_output_bn_(student.projector, teacher.forward_features(calib))
     dev = pick_device(device)
     teacher.to(dev)
-    step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight)
+    step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight,
+                             memo=True)
     return fit(student, step, train, val, test, recipe, epochs, Path(out), spec, device=dev, seed=seed, resume=resume,
                label=f"distill {pair.student}")

@@ -90,7 +90,7 @@ def _objective(model: nn.Module, spec: dict[str, Any], ckpt: Path, teacher_ckpt:
                               f"classes; pass the teacher {ckpt.name} was distilled from")
     method = "simkd" if spec["kind"] == "distilled" else distill.get("method", "kd")
     step = distillation_step(model, teacher.to(device), method, distill.get("temperature", 4.0),
-                             distill.get("alpha", 0.9), distill.get("cls_weight", 0.0))
+                             distill.get("alpha", 0.9), distill.get("cls_weight", 0.0), memo=True)
     return step, method, path
 
 

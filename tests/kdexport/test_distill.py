@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import shutil
 
 import pytest
 import torch
@@ -10,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdexport import models
-from kdexport.data import sample_batch
+from kdexport.data import get_dataset, sample_batch
 from kdexport.distill import (
     DistillConfig,
     DistilledStudent,
+    TeacherMemo,
     align,
     build_projector,
     distill,
@@ -21,6 +25,7 @@ from kdexport.distill import (
     kd_loss,
 )
 from kdexport.errors import CheckpointError, ConfigError
+from kdexport.prune import PruneConfig, prune_checkpoint
 from kdexport.train import get_recipe
 
 
@@ -245,3 +250,52 @@ def test_distill_refuses_a_teacher_of_another_pair(teacher_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         distill(tmp_path / "missing.pt", "lenet5:lenet300_100", tmp_path / "s.pt", **kw)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_teacher_memo_is_exact_keyed_by_weights_and_input(digits_x):
+    """A hit is the teacher's own output for the same weights and batch; other weights or inputs are misses."""
+    TeacherMemo.clear()
+    torch.manual_seed(0)
+    teacher = models.create_model("lenet5").eval()
+    first = TeacherMemo(teacher).forward_features(digits_x)
+    assert torch.equal(first, teacher.forward_features(digits_x))
+    again = TeacherMemo(copy.deepcopy(teacher)).forward_features(digits_x.clone())  # a reload, the same batch
+    assert again is first and (TeacherMemo.hits, TeacherMemo.misses) == (1, 1)
+    assert torch.equal(TeacherMemo(teacher)(digits_x), teacher(digits_x))  # logits are keyed apart from features
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.parameters())[0].add_(1.0)
+    assert not torch.equal(TeacherMemo(other).forward_features(digits_x), first)
+    assert not torch.equal(TeacherMemo(teacher).forward_features(digits_x.flip(-1)), first)
+    assert TeacherMemo.misses == 4
+    TeacherMemo.clear()
+
+
+def test_teacher_memo_stays_within_its_bytes(digits_x, monkeypatch):
+    TeacherMemo.clear()
+    teacher = models.create_model("lenet5").eval()
+    one = teacher.forward_features(digits_x).nbytes
+    monkeypatch.setattr(TeacherMemo, "MAX_BYTES", 2 * one)
+    memo = TeacherMemo(teacher)
+    for shift in range(5):
+        memo.forward_features(digits_x.roll(shift, -1))
+    assert len(TeacherMemo._store) == 2 and TeacherMemo._bytes == 2 * one
+    memo.forward_features(digits_x.roll(4, -1))  # the most recent survives
+    assert TeacherMemo.hits == 1
+    TeacherMemo.clear()
+
+
+def test_fine_tuning_after_distillation_reuses_the_teachers_outputs(teacher_ckpt, tmp_path):
+    """Distillation and fine-tuning start their loaders from the same seed and draw the same batches, so in one
+    process the teacher runs once per batch: what makes compress's fine-tuning cheap (and exact)."""
+    TeacherMemo.clear()
+    shutil.copy(teacher_ckpt, tmp_path / "teacher.pt")
+    student = tmp_path / "student.pt"
+    distill(tmp_path / "teacher.pt", "lenet5:lenet5", student, config=DistillConfig(), recipe=get_recipe("cosine"),
+            epochs=1, seed=3)
+    batches = TeacherMemo.misses
+    assert batches == math.ceil(len(get_dataset("digits", "train")) / get_recipe("cosine").batch_size)
+    assert TeacherMemo.hits == 0
+    prune_checkpoint(student, PruneConfig("weight", 0.5), tmp_path / "w.pt", finetune_epochs=1, seed=3)
+    assert (TeacherMemo.hits, TeacherMemo.misses) == (batches, batches)
+    TeacherMemo.clear()
