@@ -23,7 +23,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import load_model
-from .data import DEFAULT_VAL_FRACTION
+from .data import DEFAULT_VAL_FRACTION, dataset_info
 from .errors import CheckpointError, ConfigError
 from .models import DistilledStudent, build_projector
 from .preflight import check_device, check_output
@@ -204,10 +204,11 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
     return kd_step(teacher, temperature, alpha)
 
 
-def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig) -> dict[str, Any]:
+def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig,
+                augmentation: str) -> dict[str, Any]:
     """What identifies a distillation run (see train.train_run); the data split is the teacher's."""
     return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "distill": distill_settings(config)}
+            "augmentation": augmentation, "distill": distill_settings(config)}
 
 
 def distill_settings(config: DistillConfig) -> dict[str, Any]:
@@ -260,7 +261,8 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
         raise CheckpointError(f"{teacher_ckpt} holds {tspec['model']}, but pair {pair.name} needs teacher "
                               f"{pair.teacher}; pass the matching --teacher")
     spec = student_spec(tspec, pair, config)
-    spec["run"] = distill_run(pair, seed, epochs, recipe, config)
+    spec["run"] = distill_run(pair, seed, epochs, recipe, config,
+                              dataset_info(tspec["dataset"], data_dir).augmentation)
     spec["recipe"] = recipe.to_dict()
     spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
     seed_everything(seed)

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, models
 from .checkpoint import load_checkpoint, load_model, write_json
-from .data import DEFAULT_VAL_FRACTION, check_val_fraction
+from .data import DEFAULT_VAL_FRACTION, check_val_fraction, dataset_info
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
 from .lock import output_lock
@@ -185,7 +185,8 @@ def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs
                     force: bool) -> Path:
     path = run_dir / name
     recipe = get_recipe(recipe_name)
-    run = train_run(model, cfg.seed, epochs, recipe, cfg.val_fraction)
+    run = train_run(model, cfg.seed, epochs, recipe, dataset_info(cfg.dataset, cfg.data_dir).augmentation,
+                    cfg.val_fraction)
     if not _reusable(path, run, force):
         metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
                                    stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
@@ -201,7 +202,8 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight, match_bn=cfg.match_bn)
     recipe = get_recipe(cfg.recipe)
-    run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
+    run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config,
+                      dataset_info(cfg.dataset, cfg.data_dir).augmentation)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,
                           seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=False if force else None)

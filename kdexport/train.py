@@ -288,11 +288,11 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
     return final
 
 
-def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe,
+def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe, augmentation: str,
               val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, Any]:
     """What identifies a training run: a finished checkpoint is reused only for the same identity."""
     return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "val_fraction": val_fraction}
+            "augmentation": augmentation, "val_fraction": val_fraction}
 
 
 def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,
@@ -316,7 +316,7 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
     seed_everything(seed)  # --seed also fixes the initial weights
     model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
                                 input_size=info.input_size)
-    run = train_run(model_name, seed, epochs, recipe, val_fraction)
+    run = train_run(model_name, seed, epochs, recipe, info.augmentation, val_fraction)
     spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
                       dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
                       seed=seed, run=run, val_fraction=val_fraction)

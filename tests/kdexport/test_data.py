@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 from kdexport.data import (
+    AffineAugmented,
     Augmented,
     dataset_info,
     get_dataset,
@@ -88,19 +90,40 @@ def crops(x: torch.Tensor) -> list[torch.Tensor]:
     return [p[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
 
 
-def test_digits_augmentation_crops_without_flips(digits):
+def test_digits_augmentation_is_affine_without_flips(digits):
     train, _ = digits
     torch.manual_seed(1)
     aug = get_dataset("digits", "train", augment=True)
+    assert isinstance(aug, AffineAugmented) and dataset_info("digits").flip is False
     changed = 0
     for i in range(8):
         x, y = train[i]
         xa, ya = aug[i]
         assert xa.shape == x.shape and int(ya) == int(y)
-        assert any(torch.equal(xa, c) for c in crops(x)), "augmented digit is not a plain (unflipped) crop"
-        changed += not torch.equal(xa, x)
+        changed += not torch.allclose(xa, x, atol=1e-4)
     assert changed >= 6
-    assert dataset_info("digits").flip is False
+
+
+def test_affine_augmentation_fills_with_the_background_and_draws_per_image():
+    fill = -torch.tensor(dataset_info("digits").mean) / torch.tensor(dataset_info("digits").std)
+    blank = torch.ones(4, 3, 32, 32) * fill.view(1, 3, 1, 1)
+    aug = AffineAugmented(TensorDataset(blank, torch.zeros(4, dtype=torch.long)), fill)
+    torch.manual_seed(0)
+    assert torch.allclose(aug.transform(blank), blank, atol=1e-5)  # uncovered borders are black, not grey
+    still = AffineAugmented(aug.base, fill, degrees=0.0, translate=0.0, scale=(1.0, 1.0))
+    ramp = torch.linspace(-1, 2, 32).expand(2, 3, 32, 32)
+    assert torch.allclose(still.transform(ramp), ramp, atol=1e-5)  # no rotation, shift or zoom: the image
+    moved = aug.transform(ramp)
+    assert not torch.allclose(moved[0], moved[1], atol=1e-3)  # each image its own draw
+
+
+def test_a_loader_augments_a_whole_batch_at_once(monkeypatch):
+    aug = get_dataset("digits", "train", augment=True)
+    calls = []
+    real = AffineAugmented.__getitems__
+    monkeypatch.setattr(AffineAugmented, "__getitems__", lambda self, idx: calls.append(len(idx)) or real(self, idx))
+    x, y = next(iter(DataLoader(aug, batch_size=16, shuffle=True)))
+    assert calls == [16] and x.shape == (16, 3, 32, 32) and y.shape == (16,)
 
 
 def test_make_loader_limit_and_order():
