@@ -125,18 +125,6 @@ def make_optimizer(params, recipe: Recipe, epochs: int, steps_per_epoch: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(recipe, i, total))
 
 
-def make_ema(model: nn.Module, recipe: Recipe, total_steps: int) -> torch.optim.swa_utils.AveragedModel | None:
-    """The recipe's exponential moving average of `model` (weights and BN buffers), or None without one.
-
-    Its time constant is `recipe.ema` of the run's steps: decay 1 - 1 / (ema * steps).
-    """
-    if not recipe.ema:
-        return None
-    decay = 1.0 - 1.0 / max(1.0, recipe.ema * total_steps)
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
-                                               use_buffers=True)
-
-
 def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(x)
     return F.cross_entropy(logits, y), logits
@@ -167,9 +155,9 @@ def fit(
 ) -> dict[str, float]:
     """Train `model` with `step(model, x, y) -> (loss, logits)` and save `out` with metrics in its spec.
 
-    After every epoch the model (with `recipe.ema`, its moving average) is measured on the validation split; the
-    epoch with the best validation top-1 (ties: the lower validation loss, then the later epoch) is the one saved.
-    The test split is measured once, on that model, and only reported: it feeds no choice.
+    After every epoch the model is measured on the validation split; the epoch with the best validation top-1
+    (ties: the lower validation loss, then the later epoch) is the one saved. The test split is measured once, on
+    that model, and only reported: it feeds no choice.
 
     An interrupted run of the same identity (`spec["run"]`) is continued from its state file; `resume=True`
     refuses to start over when there is none, `resume=False` starts over. Only one process writes `out` at a time.
@@ -196,8 +184,6 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
         model.to(memory_format=torch.channels_last)
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     opt, sched = make_optimizer(params, recipe, epochs, len(train_loader))
-    ema = make_ema(model, recipe, epochs * len(train_loader))
-    judged = model if ema is None else ema.module  # what validation measures, and what is kept
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     start = 0
     best: dict[str, Any] | None = None  # {"key", "epoch", "state", "val"} of the best epoch so far
@@ -211,8 +197,6 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
         model.load_state_dict(saved_state)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
         torch.set_rng_state(st["rng"])
         if cuda and "cuda_rng" in st:
             torch.cuda.set_rng_state(st["cuda_rng"], device)
@@ -249,27 +233,23 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
                 sched.step()
                 if after_step is not None:
                     after_step(model)
-                if ema is not None:
-                    ema.update_parameters(model)
                 seen += len(y)
                 loss_sum += loss.item() * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 ips = seen / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
                                 f"acc {100 * correct / seen:.1f}% {ips:.0f} img/s")
-            val = evaluate(judged, val_loader, device)
+            val = evaluate(model, val_loader, device)
             metrics = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                        "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr": opt.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val.items()}}
             key = (val["top1"], -val["nll"])
             if best is None or key >= best["key"]:
                 best = {"key": key, "epoch": epoch + 1, "val": val,
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in judged.state_dict().items()}}
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
             with log_path.open("a") as fh:
                 fh.write(json.dumps({"stage": label, **metrics}) + "\n")
             rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})}
-            if ema is not None:
-                rng["ema"] = ema.state_dict()
             save_checkpoint(state_path, model.state_dict(), spec,
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng,
                                    "epoch": epoch + 1, "best_key": list(best["key"]), "best_epoch": best["epoch"],

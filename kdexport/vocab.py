@@ -175,7 +175,6 @@ class Recipe:
     milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # SimKD's 150/180/210 of 240 epochs
     gamma: float = 0.1
     warmup: float = 0.0  # linear warm-up over this fraction of the run, before the schedule
-    ema: float = 0.0  # > 0: judge (and keep) a moving average of the weights, time constant this fraction of the run
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in vanilla KD
 
@@ -196,8 +195,6 @@ class Recipe:
             raise ConfigError("momentum must be in [0, 1) and weight decay >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warm-up must be a fraction of the run in [0, 1), got {self.warmup}")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"the EMA's time constant must be a fraction of the run in [0, 1), got {self.ema}")
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON stores it (tuples as lists), so a run identity compares equal after a round trip."""
