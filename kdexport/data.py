@@ -1,13 +1,18 @@
 """Datasets, all yielding normalised 3xHxW float tensors: digits (embedded default), CIFAR-10/100, MNIST, image folders.
 
-Nothing is downloaded unless the user passes `download=True` (`--download`).
+Digits, CIFAR and MNIST are small and held in memory at 32x32 (another image size resizes each image as it is
+read); image folders stream from disk at the chosen size (`kdexport.imagefolder`). Nothing is downloaded unless
+the user passes `download=True` (`--download`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +20,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import ConfigError, DataError
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, folder_classes, image_folder
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 SPLITS = ("train", "val", "test")
 # Validation is carved out of the training part; 15% of digits' 1,437 training images is 216, the test split's 360
 # images stay exactly as they were.
 DEFAULT_VAL_FRACTION = 0.15
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE = 32
+FOLDER_IMAGE_SIZE = 224  # image folders' default: the convention of pretrained torchvision weights
+IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist")
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,74 @@ _INFO = {
 }
 
 
-def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """`--image-size`: N (square) or H,W, each side at least 32 -> (H, W); None stays None (the default)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            sides = tuple(int(p) for p in value.replace("x", ",").split(","))
+        else:
+            sides = (value,) if isinstance(value, int) else tuple(value)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+                raise ValueError
+    except ValueError:
+        sides = ()
+    if len(sides) == 1:
+        sides *= 2
+    if len(sides) != 2 or min(sides) < MIN_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be N or H,W with every side a whole number >= {MIN_IMAGE_SIZE} "
+                          f"(e.g. 224 or 192,256), got {value!r}")
+    return sides
+
+
+def default_image_size(name: str) -> tuple[int, int]:
+    """32 for digits, CIFAR and MNIST (their native size); 224 for image folders."""
+    return (FOLDER_IMAGE_SIZE,) * 2 if name == "imagefolder" else (32, 32)
+
+
+def size_field(name: str, input_size: Sequence[int]) -> tuple[int, int] | None:
+    """(H, W) of `input_size` when it is not `name`'s default size, else None: what a run identity records."""
+    size = tuple(int(s) for s in input_size)[-2:]
+    return None if size == default_image_size(name) else size
+
+
+def check_image_size(given, recorded: Sequence[int], what: str) -> tuple[int, int]:
+    """The size a checkpoint was made at ((C,) H, W recorded in its spec); an explicit size must agree with it."""
+    recorded = tuple(int(s) for s in recorded)[-2:]
+    size = parse_image_size(given)
+    if size is not None and size != recorded:
+        raise ConfigError(f"{what} was made at {recorded[0]}x{recorded[1]} px, not {size[0]}x{size[1]}: drop "
+                          "--image-size (the size comes from the checkpoint) or train one at that size")
+    return recorded
+
+
+def dataset_info(name: str, root: str | Path | None = None, image_size=None) -> DatasetInfo:
+    """What a model for `name` needs to know; `image_size` (N, (H, W) or "H,W") overrides the default size."""
+    size = parse_image_size(image_size) or default_image_size(name)
     if name == "imagefolder":
-        classes = _folder_classes(_require_root(name, root) / "train")
-        return DatasetInfo("imagefolder", len(classes), (3, 32, 32), IMAGENET_MEAN, IMAGENET_STD, True)
+        classes = folder_classes(_require_root(name, root) / "train")
+        return DatasetInfo("imagefolder", len(classes), (3, *size), IMAGENET_MEAN, IMAGENET_STD, True)
     if name not in _INFO:
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return _INFO[name]
+    return dataclasses.replace(_INFO[name], input_size=(3, *size))
+
+
+def default_workers(name: str) -> int:
+    """DataLoader workers: none for the in-memory datasets (nothing to decode); for image folders one per core
+    this process may use, less one for the training loop, at most 8."""
+    if name in IN_MEMORY:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
+
+
+def check_workers(workers: int | None, name: str) -> int:
+    if workers is None:
+        return default_workers(name)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"--workers must be a whole number >= 0, got {workers!r}")
+    return workers
 
 
 class Augmented(Dataset):
@@ -77,6 +145,21 @@ class Augmented(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, y
+
+
+class Resized(Dataset):
+    """An in-memory dataset at another image size: each 32x32 image is resized (bilinear, antialiased) when read,
+    so memory stays that of the 32x32 tensors."""
+
+    def __init__(self, base: Dataset, size: tuple[int, int]):
+        self.base, self.size = base, tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[0], y
 
 
 def _to_tensor_dataset(images: np.ndarray, labels, info: DatasetInfo) -> TensorDataset:
@@ -187,31 +270,6 @@ def _mnist(root: Path, split: str) -> TensorDataset:
     return _to_tensor_dataset(read_idx(found[0]), read_idx(found[1]), _INFO["mnist"])
 
 
-def _folder_classes(path: Path) -> list[str]:
-    if not path.is_dir():
-        raise DataError(f"imagefolder: expected {path}/<class>/<image> folders (and test/, optionally val/)")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"imagefolder: {path} has no class folders; expected {path}/<class>/<image>")
-    return classes
-
-
-def _imagefolder(root: Path, split: str) -> Dataset:
-    info = dataset_info("imagefolder", root)
-    classes = _folder_classes(root / "train")
-    folder = root / split
-    _folder_classes(folder)
-    files = [(p, classes.index(c.name)) for c in sorted(folder.iterdir()) if c.is_dir() and c.name in classes
-             for p in sorted(c.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}]
-    if not files:
-        raise DataError(f"imagefolder: no images under {folder}/<class>/")
-    images = []
-    for p, _ in files:
-        with Image.open(p) as im:
-            images.append(np.asarray(im.convert("RGB").resize(info.input_size[:0:-1], Image.BILINEAR)))
-    return _to_tensor_dataset(np.stack(images), [y for _, y in files], info)
-
-
 def _require_root(name: str, root: str | Path | None) -> Path:
     if root is None:
         raise DataError(f"{name} needs a local data directory: pass --data-dir PATH")
@@ -230,6 +288,8 @@ def check_val_fraction(fraction: float) -> float:
 def _labels(ds: Dataset) -> np.ndarray:
     if isinstance(ds, TensorDataset):
         return ds.tensors[1].numpy()
+    if hasattr(ds, "targets"):  # an image folder: its labels without decoding an image
+        return np.asarray(ds.targets)
     return np.asarray([ds[i][1] for i in range(len(ds))])
 
 
@@ -250,8 +310,13 @@ def split_train_val(ds: Dataset, fraction: float, name: str) -> tuple[Subset, Su
     return Subset(ds, np.sort(idx_train).tolist()), Subset(ds, np.sort(idx_val).tolist())
 
 
-def load_part(name: str, part: str, root: str | Path | None = None, download: bool = False) -> Dataset:
-    """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val")."""
+def load_part(name: str, part: str, root: str | Path | None = None, download: bool = False, image_size=None,
+              augment: bool = False) -> Dataset:
+    """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val").
+
+    The in-memory datasets come at 32x32 (resized later, see `get_dataset`); an image folder streams at
+    `image_size` with training (`augment`) or evaluation transforms.
+    """
     if name == "digits":
         return _digits(part)
     if name in ("cifar10", "cifar100"):
@@ -260,49 +325,60 @@ def load_part(name: str, part: str, root: str | Path | None = None, download: bo
         return _cifar(name, _require_root(name, root), part, download)
     if name == "mnist":
         return _mnist(_require_root(name, root), part)
-    return _imagefolder(_require_root(name, root), part)
+    size = parse_image_size(image_size) or default_image_size(name)
+    return image_folder(_require_root(name, root), part, size, train=augment)
 
 
 def get_dataset(name: str, split: str = "train", root: str | Path | None = None, augment: bool = False,
-                download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION) -> Dataset:
-    """A dataset of (normalised 3xHxW tensor, label) for one of the three splits.
+                download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None) -> Dataset:
+    """A dataset of (normalised 3xHxW tensor, label) for one of the three splits, at `image_size` (default: the
+    dataset's, `default_image_size`).
 
     "test" is the dataset's own test part. "train" and "val" split its training part (`val_fraction` to val,
     stratified, fixed), except for an image folder that has a val/ folder: then val/ is val and train/ is train.
+    `augment`: the in-memory datasets' random crop (and flip), an image folder's RandomResizedCrop and flip.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    info = dataset_info(name, root)
+    info = dataset_info(name, root, image_size)
     val_fraction = check_val_fraction(val_fraction)
+    folder = name == "imagefolder"
+    part = dict(root=root, download=download, image_size=info.input_size[1:], augment=augment and folder)
     if split == "test":
-        ds: Dataset = load_part(name, "test", root, download)
-    elif name == "imagefolder" and (_require_root(name, root) / "val").is_dir():
-        ds = load_part(name, split, root, download)
+        ds: Dataset = load_part(name, "test", **part)
+    elif folder and (_require_root(name, root) / "val").is_dir():
+        ds = load_part(name, split, **part)
     else:
-        train, val = split_train_val(load_part(name, "train", root, download), val_fraction, name)
+        train, val = split_train_val(load_part(name, "train", **part), val_fraction, name)
         ds = train if split == "train" else val
-    return Augmented(ds, info.flip) if augment else ds
+    if folder:
+        return ds
+    ds = Augmented(ds, info.flip) if augment else ds
+    return ds if info.input_size[1:] == _INFO[name].input_size[1:] else Resized(ds, info.input_size[1:])
 
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
-                limit: int | None = None, download: bool = False,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> DataLoader:
+                limit: int | None = None, download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
+                image_size=None, workers: int | None = None, pin_memory: bool = False) -> DataLoader:
     """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
 
     Shuffling and augmentation draw from torch's global RNG: seed it (train.seed_everything) for a repeatable run.
+    With `workers` > 0 (image folders' default, `default_workers`) each worker's RNG is seeded from that RNG when
+    an epoch starts, so a run is repeatable for a given number of workers.
     """
     train = split == "train"
     ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download,
-                     val_fraction=val_fraction)
+                     val_fraction=val_fraction, image_size=image_size)
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False,
+                      num_workers=check_workers(workers, name), pin_memory=pin_memory)
 
 
 def sample_batch(name: str, n: int, root: str | Path | None = None, split: str = "test",
-                 val_fraction: float = DEFAULT_VAL_FRACTION) -> torch.Tensor:
-    """The first `n` real images of a split, for parity checks and calibration."""
-    ds = get_dataset(name, split, root, val_fraction=val_fraction)
+                 val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None) -> torch.Tensor:
+    """The first `n` real images of a split (evaluation transforms), for parity checks and calibration."""
+    ds = get_dataset(name, split, root, val_fraction=val_fraction, image_size=image_size)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import check_image_size
 from ..errors import ConfigError
 from ..vocab import OV_DEVICES, Backend
 from .backends import (
@@ -266,6 +267,9 @@ def profile(artifact: str | Path | bytes | nn.Module, config: ProfileConfig | No
     """
     config = config or ProfileConfig()
     art = Artifact(artifact)
+    if art.kind == "checkpoint" and config.input_size is not None:  # the checkpoint's spec decides its size
+        art.model()
+        check_image_size(config.input_size[1:], art.spec_size, art.label)
     notes: list[str] = []
     results: list[BatchResult] = []
     rss_scoped = True

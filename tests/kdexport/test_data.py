@@ -303,9 +303,11 @@ def folder_root(tmp_path_factory) -> Path:
 
 
 def test_imagefolder(folder_root):
-    info = dataset_info("imagefolder", folder_root)
+    assert dataset_info("imagefolder", folder_root).input_size == (3, 224, 224)  # the default: torchvision's size
+    info = dataset_info("imagefolder", folder_root, 32)
     assert info.num_classes == 2 and info.input_size == (3, 32, 32)
-    train, test = load_part("imagefolder", "train", folder_root), get_dataset("imagefolder", "test", folder_root)
+    train = load_part("imagefolder", "train", folder_root, image_size=32)
+    test = get_dataset("imagefolder", "test", folder_root, image_size=32)
     assert labels_of(train).tolist() == [0, 0, 1, 1] and labels_of(test).tolist() == [0, 1]
     red, blue = test[0][0], test[1][0]
     assert red.shape == (3, 32, 32)
