@@ -32,12 +32,17 @@ def load_rgb(path: str) -> Image.Image:
                               "file") from None
 
 
+def eval_resize(size: Sequence[int]) -> int:
+    """The shorter side an image is resized to before the evaluation crop of `size` (H, W)."""
+    return round(max(size) / EVAL_CROP)
+
+
 def folder_transform(size: Sequence[int], train: bool) -> v2.Compose:
     """ImageNet-style transforms at `size` (H, W): RandomResizedCrop + flip for training, Resize + CenterCrop for
     evaluation, then float in [0, 1] normalised with ImageNet's statistics."""
     size = tuple(size)
     geometry = ([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train else
-                [v2.Resize(round(max(size) / EVAL_CROP), antialias=True), v2.CenterCrop(size)])
+                [v2.Resize(eval_resize(size), antialias=True), v2.CenterCrop(size)])
     return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 

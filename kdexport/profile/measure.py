@@ -228,6 +228,8 @@ def _choose(art: Artifact, config: ProfileConfig) -> tuple[Any, Backend, str]:
         try:
             runner = make_runner(backend, art, **_runner_args(config))
             p50 = _measure_batch(runner, batch, warmup, iters, config.device)[0].p50_ms
+        except ConfigError:  # the user's input (an input size the model does not take) fails every candidate
+            raise
         except Exception as exc:  # a candidate that cannot run must not stop the others; the note says why
             why = str(exc) if isinstance(exc, (BackendUnavailable, Skip)) else f"failed: {exc!r}"
             skipped.append(f"{backend.value}: {why}")
