@@ -7,10 +7,13 @@ A folder of N generated photographs (kdexport.imagefolder.write_image_folder: 10
 256x192, every size different) is written under ROOT once per N and reused. Each configuration (N, workers) runs
 in its own process, so that its peak RSS is its own: it builds the training loader exactly as `kdexport train
 --dataset imagefolder --image-size 224` does (lazy decode, RandomResizedCrop + flip, normalisation, batch 64),
-reads `--warmup` batches untimed, then `--batches` timed ones. The interval between two batches gives images/s:
-median and the 10th/90th percentiles of the per-batch rate. Peak RSS is the process's high-water mark (VmHWM) and
-the largest worker's; both include torch's own ~0.3 GB. Last, one training step (forward, backward, SGD) of a
-model at 224 px on this CPU gives the rate the pipeline has to keep up with.
+reads `--warmup` batches untimed, then `--batches` timed ones, with torch at `--threads` intra-op threads (1, as
+in DataLoader workers: with 2 on a loaded 2-core machine the main process's small tensor ops spin against each
+other). Images/s: over all timed batches, and the median and 10th/90th percentiles over windows of
+max(1, workers) batches (workers deliver in turns, so single intervals alternate between ~0 and a whole round).
+Peak RSS is the process's high-water mark and the largest worker's; both include torch's own ~0.3 GB. Last, one
+training step (forward, backward, SGD) of a model at 224 px on this CPU gives the rate the pipeline has to keep
+up with.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def folder(root: Path, n: int) -> Path:
     return path
 
 
-def child(path: Path, workers: int, warmup: int, batches: int) -> dict:
+def child(path: Path, workers: int, warmup: int, batches: int, threads: int) -> dict:
     """One configuration, in this process: rates and peak memory of the training loader."""
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     loader = make_loader("imagefolder", "train", BATCH, path, image_size=SIZE, workers=workers)
     build_s = time.perf_counter() - t0
@@ -61,8 +65,11 @@ def child(path: Path, workers: int, warmup: int, batches: int) -> dict:
         if i >= warmup:
             stamps.append(time.perf_counter())
     del it  # shuts the workers down, so that RUSAGE_CHILDREN holds them
-    rates = BATCH / np.diff(stamps)
-    return {"images": len(loader.dataset), "workers": workers, "build_s": build_s,
+    # workers deliver their batches in turns, in bursts of `workers`: rate over windows of that many batches
+    k = max(1, workers)
+    rates = BATCH * k / np.diff(stamps[::k])
+    return {"images": len(loader.dataset), "workers": workers, "threads": threads, "build_s": build_s,
+            "ips_overall": BATCH * (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "ips_median": float(np.median(rates)), "ips_p10": float(np.percentile(rates, 10)),
             "ips_p90": float(np.percentile(rates, 90)),
             "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -94,33 +101,40 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,20000", help="comma list of training-image counts")
     parser.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches (of 64)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches (of 64)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the loading process")
     parser.add_argument("--models", default="squeezenet1_1,resnet18", help="models whose step is timed")
     parser.add_argument("--model-batch", type=int, default=16, help="batch of the timed model step")
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.warmup, args.batches)))
+        print(json.dumps(child(Path(args.child[0]), int(args.child[1]), args.warmup, args.batches, args.threads)))
         return
-    rows = []
+    rows, counts = [], []
     for n in (int(s) for s in args.sizes.split(",")):
         path = folder(args.root, n)
         for w in (int(s) for s in args.workers.split(",")):
             out = subprocess.run([sys.executable, __file__, "--root", str(args.root), "--child", str(path), str(w),
-                                  "--warmup",
+                                  "--threads", str(args.threads), "--warmup",
                                   str(args.warmup), "--batches", str(args.batches)],
-                                 check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"n={n}, workers={w} failed:\n{out.stderr}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            counts.append(n)
             print(json.dumps(rows[-1]), file=sys.stderr)
     steps = [model_step(m, args.model_batch, 1, 3) for m in args.models.split(",")]
     load = os.getloadavg()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} "
-          f"{load[1]:.1f} {load[2]:.1f} at the end; torch {torch.__version__}, batch {BATCH}, {SIZE} px\n")
-    print("| images | workers | loader built in | images/s median | p10 | p90 | peak RSS main | largest worker |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+          f"{load[1]:.1f} {load[2]:.1f} at the end; torch {torch.__version__}, batch {BATCH}, {SIZE} px, "
+          f"{args.threads} torch thread(s) in the loading process, {args.warmup} + {args.batches} batches\n")
+    print("| generated | training split | workers | loader built in | images/s overall | median | p10 | p90 | "
+          "peak RSS main | largest worker |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r in zip(counts, rows, strict=True):
         worker = f"{r['rss_worker_mb']:.0f} MiB" if r["rss_worker_mb"] else "-"
-        print(f"| {r['images']:,} | {r['workers']} | {r['build_s']:.2f} s | {r['ips_median']:.0f} | "
+        print(f"| {n:,} | {r['images']:,} | {r['workers']} | {r['build_s']:.2f} s | {r['ips_overall']:.0f} | "
+              f"{r['ips_median']:.0f} | "
               f"{r['ips_p10']:.0f} | {r['ips_p90']:.0f} | {r['rss_main_mb']:.0f} MiB | {worker} |")
     print("\n| model step (fwd + bwd + SGD), 224 px | batch | threads | images/s median | p10 | p90 |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -30,7 +30,7 @@ SPLITS = ("train", "val", "test")
 # Validation is carved out of the training part; 15% of digits' 1,437 training images is 216, the test split's 360
 # images stay exactly as they were.
 DEFAULT_VAL_FRACTION = 0.15
-MIN_IMAGE_SIZE = 32
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 FOLDER_IMAGE_SIZE = 224  # image folders' default: the convention of pretrained torchvision weights
 IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist")
 
@@ -54,7 +54,7 @@ _INFO = {
 
 
 def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int] | None:
-    """`--image-size`: N (square) or H,W, each side at least 32 -> (H, W); None stays None (the default)."""
+    """`--image-size`: N (square) or H,W, each side in 32..4096 -> (H, W); None stays None (the default)."""
     if value is None:
         return None
     try:
@@ -68,9 +68,9 @@ def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int]
         sides = ()
     if len(sides) == 1:
         sides *= 2
-    if len(sides) != 2 or min(sides) < MIN_IMAGE_SIZE:
+    if len(sides) != 2 or min(sides) < MIN_IMAGE_SIZE or max(sides) > MAX_IMAGE_SIZE:
         raise ConfigError(f"--image-size must be N or H,W with every side a whole number >= {MIN_IMAGE_SIZE} "
-                          f"(e.g. 224 or 192,256), got {value!r}")
+                          f"(and <= {MAX_IMAGE_SIZE}; e.g. 224 or 192,256), got {value!r}")
     return sides
 
 

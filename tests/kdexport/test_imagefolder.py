@@ -138,7 +138,7 @@ def test_parse_image_size(text, size):
     assert parse_image_size(text) == size
 
 
-@pytest.mark.parametrize("bad", ["31", "abc", "0", "-64", "64,", "1,2,3", "64.5", 16, (32, 8), True])
+@pytest.mark.parametrize("bad", ["31", "abc", "0", "-64", "64,", "1,2,3", "64.5", "5000", 16, (32, 8), True])
 def test_bad_image_sizes_say_what_to_pass(bad):
     with pytest.raises(ConfigError, match=r"--image-size must be N or H,W with every side a whole number >= 32"):
         parse_image_size(bad)
