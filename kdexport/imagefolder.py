@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
@@ -88,8 +89,6 @@ def write_image_folder(root: str | Path, *, classes: int = 3, per_class: dict[st
     non-square, every image different), files alternate JPEG and PNG; the first `grayscale` training images are
     single-channel, and `corrupt` more training files are truncated JPEGs that no decoder reads.
     """
-    import numpy as np  # lazy: only generating needs it
-
     root, rng = Path(root), np.random.default_rng(seed)
     per_class = per_class or {"train": 8, "test": 2}
     colours = rng.uniform(40, 215, size=(classes, 3))

@@ -109,6 +109,13 @@ class RunConfig:
         models.resolve_pair(self.pair)
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         check_workers(self.workers, self.dataset)
+        if self.teacher and self.teacher_pretrained:
+            raise ConfigError("--teacher-pretrained is where a teacher that compress trains starts from; with "
+                              "--teacher (an already trained one) drop it")
+        for flag, path in (("--teacher-pretrained", self.teacher_pretrained),
+                           ("--student-pretrained", self.student_pretrained)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag}: {path} is not a file; pass a local torchvision state_dict")
         check_epochs(teacher_epochs=self.teacher_epochs, distill_epochs=self.distill_epochs,
                      finetune_epochs=self.finetune_epochs)
         if not self.finetune_lr > 0:

@@ -52,12 +52,14 @@ def chain(data, tmp_path_factory) -> dict[str, Path]:
     weights = d / "resnet18-tv.pth"
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    paths = {"weights": weights, "teacher": d / "teacher.pt", "student": d / "student.pt",
-             "pruned": d / "channel-0.50.pt"}
+    student_weights = d / "squeezenet-tv.pth"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), student_weights)
+    paths = {"weights": weights, "student_weights": student_weights, "teacher": d / "teacher.pt",
+             "student": d / "student.pt", "pruned": d / "channel-0.50.pt"}
     ok(run("train", "--model", "resnet18", "--dataset", "imagefolder", "--data-dir", data, "--image-size", "64",
            "--pretrained", weights, "--out", paths["teacher"], *FAST, "--json"))
     ok(run("distill", "--pair", "resnet18:squeezenet1_1", "--teacher", paths["teacher"], "--out", paths["student"],
-           "--data-dir", data, *FAST, "--json"))
+           "--pretrained", student_weights, "--data-dir", data, *FAST, "--json"))
     ok(run("prune", paths["student"], "--method", "channel", "--amount", "0.5", "--finetune-epochs", "1",
            "--data-dir", data, "--workers", "0", "--json"))
     return paths
@@ -79,6 +81,15 @@ def test_pretrained_teacher_keeps_the_backbone_and_a_new_head(chain):
     # one epoch at a small learning rate moves the weights only a little away from the torchvision ones
     drift = (state["layer4.1.conv2.weight"] - tv["layer4.1.conv2.weight"]).norm()
     assert drift < 0.2 * tv["layer4.1.conv2.weight"].norm()
+
+
+def test_pretrained_student_backbone(chain):
+    state, spec = load_checkpoint(chain["student"])
+    tv = torch.load(chain["student_weights"], weights_only=True)
+    assert spec["run"]["pretrained"] == str(chain["student_weights"])
+    assert not any(k.startswith("student.classifier") for k in state)  # SimKD: the teacher's classifier is used
+    key = "features.12.expand3x3.weight"
+    assert (state[f"student.{key}"] - tv[key]).norm() < 0.2 * tv[key].norm()
 
 
 def test_export_at_the_size_with_parity_and_profile(chain, data, tmp_path):
@@ -143,6 +154,10 @@ def test_bad_data_is_one_line_and_writes_nothing(data, tmp_path):
     (root / "test" / "class3").mkdir()
     (root / "test" / "class3" / "x.png").write_bytes(b"")
     assert_one_line(run(*train), "has other classes than", "only here: class3")
+    assert_one_line(run("compress", "--dataset", "imagefolder", "--data-dir", root, "--pair", "resnet18:squeezenet1_1",
+                        "--student-pretrained", tmp_path / "nowhere.pth", "--out", tmp_path / "run"),
+                    "--student-pretrained:", "nowhere.pth is not a file")
+    assert not (tmp_path / "run").exists()
     for size in ("31", "abc"):
         assert_one_line(run("train", "--model", "lenet5", "--image-size", size, "--out", out),
                         "--image-size must be N or H,W")
