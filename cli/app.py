@@ -93,6 +93,12 @@ FinetuneEpochsOpt = Annotated[int | None, typer.Option(
 ValFractionOpt = Annotated[float, typer.Option(help="Fraction of the training part held out for validation "
                                                     "(every choice is made on it; test is only reported).")]
 DeviceOpt = Annotated[str, typer.Option(help=f"Where to run: {DEVICE_HINT.removeprefix('use ')}.")]
+ImageSizeOpt = Annotated[str | None, typer.Option(help="Input size N or H,W (each >= 32) [32 for digits, cifar and "
+                                                      "mnist; 224 for imagefolder]; recorded in the checkpoint.")]
+SpecSizeOpt = Annotated[str | None, typer.Option("--image-size", help="Input size N or H,W: taken from the "
+                                                 "checkpoint; if given, it must agree.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader worker processes [0 for the in-memory datasets; "
+                                                    "for imagefolder one per core less one, at most 8].")]
 
 Stem = choices("Stem", STEMS)
 RecipeName = choices("RecipeName", RECIPE_NAMES)

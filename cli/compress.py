@@ -33,12 +33,15 @@ from .app import (
     DataDirOpt,
     DeviceOpt,
     FinetuneEpochsOpt,
+    ImageSizeOpt,
     JsonOpt,
     OfficialOpt,
     RecipeName,
     SeedOpt,
+    SpecSizeOpt,
     Stem,
     ValFractionOpt,
+    WorkersOpt,
     choices,
     command,
     emit,
@@ -63,6 +66,10 @@ def compress(
     = ",".join(f"{v:g}" for v in DEFAULT_LEVELS),
     repeats: Annotated[int, typer.Option(help="Repeats per level (seeds seed..seed+R-1).")] = 1,
     teacher: Annotated[Path | None, typer.Option(help="Reuse a trained teacher checkpoint.")] = None,
+    teacher_pretrained: Annotated[Path | None, typer.Option(help="Local torchvision state_dict the teacher starts "
+                                                                 "from (its classifier re-initialised).")] = None,
+    student_pretrained: Annotated[Path | None, typer.Option(help="Local torchvision state_dict the students' "
+                                                                 "backbones start from.")] = None,
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = TEACHER_EPOCHS,
     distill_epochs: Annotated[int, typer.Option(help="SimKD distillation epochs.")] = STUDENT_EPOCHS,
     finetune_epochs: FinetuneEpochsOpt = None,
@@ -93,6 +100,8 @@ def compress(
     profile_batch: Annotated[int, typer.Option(help="The larger batch size measured with --profile.")] = 32,
     out: Annotated[Path | None, typer.Option(help="Run directory [runs/<dataset>/<pair>].")] = None,
     force: Annotated[bool, typer.Option(help="Recompute stages that are already done.")] = False,
+    image_size: ImageSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -107,7 +116,9 @@ def compress(
                     val_fraction=val_fraction, seed=seed, device=device, stem=stem.value, scope=scope,
                     round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
                     breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
-                    teacher=str(teacher) if teacher else None)
+                    teacher=str(teacher) if teacher else None, image_size=image_size, workers=workers,
+                    teacher_pretrained=str(teacher_pretrained) if teacher_pretrained else None,
+                    student_pretrained=str(student_pretrained) if student_pretrained else None)
     result = run_compress(cfg, parse_methods(methods), parse_levels(levels), repeats, out, force, log=log)
     if as_json:
         emit([], "", True, payload={"run_dir": str(result.run_dir), "rows": result.rows, "table": result.table,
@@ -154,6 +165,8 @@ def prune(
                                                   "recipe, no warm-up].")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory [the checkpoint's]; writes "
                                              "<method>-<amount>.pt.")] = None,
+    image_size: SpecSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -164,6 +177,6 @@ def prune(
     path = (out or checkpoint.parent) / level_file(config.method, config.amount)
     row = prune_checkpoint(checkpoint, config, path, finetune_epochs=finetune_epochs,
                            finetune_scope=finetune_scope.value, teacher_ckpt=teacher, recipe=finetune_recipe(lr),
-                           seed=seed, data_dir=data_dir, device=device)
+                           seed=seed, data_dir=data_dir, device=device, image_size=image_size, workers=workers)
     emit([{"metric": k, "value": v} for k, v in row.items()], f"prune {checkpoint.name} -> {path.name}", as_json,
          payload=row)

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from ..data import parse_image_size
 from ..export import ExportConfig
 from ..export import export as run_export
 from ..profile import ProfileConfig
 from ..profile import profile as run_profile
 from ..vocab import BACKENDS, CALIB_METHODS, FORMAT_NAMES, INT8_TARGETS, OV_DEVICES, Backend, Format, parse_batch_sizes
-from .app import DataDirOpt, JsonOpt, choices, command, emit, err
+from .app import DataDirOpt, JsonOpt, SpecSizeOpt, choices, command, emit, err
 
 BackendName = choices("BackendName", BACKENDS)
 ExportFormat = choices("ExportFormat", FORMAT_NAMES)  # trt is an alias of tensorrt
@@ -34,11 +35,13 @@ def profile(
     threads: Annotated[int | None, typer.Option(help="CPU threads [all this process may use].")] = None,
     ov_device: Annotated[OVDevice | None, typer.Option(help="OpenVINO device for --backend openvino [CPU].")]
     = None,
+    image_size: SpecSizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure single-stream latency (p50/p90/p99), throughput and peak memory of an artifact."""
+    size = parse_image_size(image_size)
     config = ProfileConfig(backend.value, device, parse_batch_sizes(batch), warmup, iters, threads,
-                           ov_device=ov_device.value if ov_device else None)
+                           input_size=(3, *size) if size else None, ov_device=ov_device.value if ov_device else None)
     result = run_profile(artifact, config)
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
@@ -88,6 +91,7 @@ def export(
                                                    "(all).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: exports/ next to the checkpoint)."
                                              )] = None,
+    image_size: SpecSizeOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -95,7 +99,7 @@ def export(
     given = dict(opset=opset, batch=batch, dynamic=dynamic, half=half, int8=int8, calib=calib, atol=atol,
                  calib_method=calib_method.value if calib_method else None, max_drop=max_drop, allow_drop=allow_drop,
                  int8_target=int8_target.value if int8_target else None, device=device, workspace=workspace,
-                 eval_limit=eval_limit, out=out, data_dir=data_dir)
+                 eval_limit=eval_limit, out=out, data_dir=data_dir, image_size=image_size)
     config = ExportConfig(format_.value, **{k: v for k, v in given.items() if v is not None and v is not False})
     result = run_export(checkpoint, config)
     emit(result.rows(), f"export {checkpoint.name} -> {Path(result.out).name}", as_json, payload=result.to_dict())

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..compare import compare_checkpoints
-from ..data import DEFAULT_VAL_FRACTION
+from ..data import DEFAULT_VAL_FRACTION, parse_image_size
 from ..report import build_report
 from ..stats import run_stats
 from ..sweep import SweepConfig, run_sweep, stats_rows
@@ -27,9 +27,12 @@ from .app import (
     DataDirOpt,
     DeviceOpt,
     FinetuneEpochsOpt,
+    ImageSizeOpt,
     JsonOpt,
     SeedOpt,
+    SpecSizeOpt,
     ValFractionOpt,
+    WorkersOpt,
     choices,
     command,
     emit,
@@ -67,6 +70,8 @@ def sweep(
     finetune_epochs: FinetuneEpochsOpt = None,
     finetune_lr: Annotated[float | None, typer.Option(help=f"Fine-tuning learning rate [{FINETUNE_LR}].")] = None,
     val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
+    image_size: ImageSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -78,7 +83,9 @@ def sweep(
                          distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, profile=profile,
                          device=device, data_dir=str(data_dir) if data_dir else None,
                          options={"val_fraction": val_fraction,
-                                  **({} if finetune_lr is None else {"finetune_lr": finetune_lr})})
+                                  **({} if finetune_lr is None else {"finetune_lr": finetune_lr}),
+                                  **({} if image_size is None else {"image_size": parse_image_size(image_size)})},
+                         workers=workers)
     summary = run_sweep(config, executor.value, address=address, log=log)
     emit([summary], "sweep", as_json, payload=summary)
 
@@ -133,11 +140,13 @@ def compare(
     ckpt_a: Annotated[Path, typer.Argument(help="First checkpoint.")],
     ckpt_b: Annotated[Path, typer.Argument(help="Second checkpoint.")],
     dataset: Annotated[str | None, typer.Option(help="Dataset whose test split is used [A's].")] = None,
+    image_size: SpecSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Where two models disagree: differing predictions, logit and weight L2 distances, accuracies."""
-    res = compare_checkpoints(ckpt_a, ckpt_b, dataset, data_dir, device)
+    res = compare_checkpoints(ckpt_a, ckpt_b, dataset, data_dir, device, image_size=image_size, workers=workers)
     emit([{"metric": k, "value": v} for k, v in res.items() if k not in ("a", "b")],
          f"compare {ckpt_a.name} vs {ckpt_b.name}", as_json, payload=res)

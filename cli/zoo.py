@@ -24,12 +24,15 @@ from ..vocab import (
 from .app import (
     DataDirOpt,
     DeviceOpt,
+    ImageSizeOpt,
     JsonOpt,
     OfficialOpt,
     RecipeName,
     SeedOpt,
+    SpecSizeOpt,
     Stem,
     ValFractionOpt,
+    WorkersOpt,
     choices,
     command,
     emit,
@@ -77,8 +80,11 @@ def train(
     val_fraction: ValFractionOpt = DEFAULT_VAL_FRACTION,
     stem: Annotated[Stem, typer.Option(help="imagenet (original, fast at 32x32) or cifar (3x3, no pool).")]
     = Stem[DEFAULT_STEM],
-    pretrained: Annotated[Path | None, typer.Option(help="Local torchvision-format state_dict to start from.")]
+    pretrained: Annotated[Path | None, typer.Option(help="Local torchvision-format state_dict to start from (a "
+                                                         "classifier for another class count is re-initialised).")]
     = None,
+    image_size: ImageSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     download: Annotated[bool, typer.Option(help="Download CIFAR through torchvision if missing.")] = False,
     resume: ResumeOpt = False,
@@ -93,7 +99,7 @@ def train(
                                                  weight_decay=weight_decay),
                                seed=seed, stem=stem.value, data_dir=data_dir,
                                pretrained=str(pretrained) if pretrained else None, device=device, resume=resume or None,
-                               download=download, val_fraction=val_fraction)
+                               download=download, val_fraction=val_fraction, image_size=image_size, workers=workers)
     emit([{"checkpoint": str(path), **metrics}], "trained", as_json)
 
 
@@ -116,6 +122,10 @@ def distill(
     lr: LrOpt = None,
     batch_size: BatchSizeOpt = None,
     weight_decay: WeightDecayOpt = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Local torchvision-format state_dict for the student's "
+                                                         "backbone.")] = None,
+    image_size: SpecSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     resume: ResumeOpt = False,
     seed: SeedOpt = 0,
@@ -128,7 +138,8 @@ def distill(
     path = out or teacher.with_name(STUDENT_FILE)
     metrics = run_distill(teacher, pair, path, config=config,
                           recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
-                          epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume or None)
+                          epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume or None,
+                          image_size=image_size, workers=workers, pretrained=pretrained)
     emit([{"checkpoint": str(path), **metrics}], "distilled", as_json)
 
 
@@ -136,10 +147,12 @@ def distill(
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A kdexport checkpoint.")],
     dataset: Annotated[str | None, typer.Option(help="Dataset [the checkpoint's].")] = None,
+    image_size: SpecSizeOpt = None,
+    workers: WorkersOpt = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1/top-5 accuracy and honest parameter counts of a checkpoint."""
-    row = evaluate_checkpoint(checkpoint, dataset, data_dir, device)
+    row = evaluate_checkpoint(checkpoint, dataset, data_dir, device, image_size, workers)
     emit([row], f"evaluate {checkpoint.name}", as_json, payload=row)

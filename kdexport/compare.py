@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, load_model
-from .data import dataset_info, make_loader
+from .data import check_image_size, dataset_info, make_loader
 from .errors import ConfigError
 from .train import pick_device
 
@@ -36,11 +36,13 @@ def weight_distance(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.T
 @torch.inference_mode()
 def compare_checkpoints(ckpt_a: str | Path, ckpt_b: str | Path, dataset: str | None = None,
                         data_dir: str | Path | None = None, device: str | None = None,
-                        batch_size: int = 256) -> dict[str, Any]:
-    """Disagreements, logit distances, weight distance and each model's accuracy on `dataset`'s test split."""
+                        batch_size: int = 256, image_size=None, workers: int | None = None) -> dict[str, Any]:
+    """Disagreements, logit distances, weight distance and each model's accuracy on `dataset`'s test split, at the
+    checkpoints' image size (they must share it; an explicit `image_size` must agree)."""
     (model_a, spec_a), (model_b, spec_b) = load_model(ckpt_a), load_model(ckpt_b)
     dataset = dataset or spec_a["dataset"]
-    info = dataset_info(dataset, data_dir)
+    size = check_image_size(image_size, spec_a["input_size"], ckpt_a)
+    info = dataset_info(dataset, data_dir, size)
     for path, spec in ((ckpt_a, spec_a), (ckpt_b, spec_b)):
         if spec["num_classes"] != info.num_classes or list(spec["input_size"]) != list(info.input_size):
             raise ConfigError(f"{path} takes {spec['input_size']} inputs with {spec['num_classes']} classes; "
@@ -51,7 +53,8 @@ def compare_checkpoints(ckpt_a: str | Path, ckpt_b: str | Path, dataset: str | N
     model_b.to(dev)
     n = differ = correct_a = correct_b = 0
     l2_sum = sq_total = 0.0
-    for x, y in make_loader(dataset, "test", batch_size, data_dir):
+    for x, y in make_loader(dataset, "test", batch_size, data_dir, image_size=size, workers=workers,
+                            pin_memory=dev.type == "cuda"):
         x, y = x.to(dev), y.to(dev)
         la, lb = model_a(x).float(), model_b(x).float()
         pa, pb = la.argmax(1), lb.argmax(1)

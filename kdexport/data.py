@@ -1,13 +1,18 @@
 """Datasets, all yielding normalised 3xHxW float tensors: digits (embedded default), CIFAR-10/100, MNIST, image folders.
 
-Nothing is downloaded unless the user passes `download=True` (`--download`).
+Digits, CIFAR and MNIST are small and held in memory at 32x32 (another image size resizes each image as it is
+read, `memory_transform`); image folders stream from disk at the chosen size (`kdexport.imagefolder`). Nothing
+is downloaded unless the user passes `download=True` (`--download`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision.transforms import v2
 
 from .errors import ConfigError, DataError
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, folder_classes, image_folder
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 SPLITS = ("train", "val", "test")
 # Validation is carved out of the training part; 15% of digits' 1,437 training images is 216, the test split's 360
 # images stay exactly as they were.
 DEFAULT_VAL_FRACTION = 0.15
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
+FOLDER_IMAGE_SIZE = 224  # image folders' default: the convention of pretrained torchvision weights
+IN_MEMORY = ("digits", "cifar10", "cifar100", "mnist")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class DatasetInfo:
     @property
     def augmentation(self) -> str:
         """What training augments with: part of a run's identity, so a run made with another is not reused."""
+        if self.name == "imagefolder":
+            return "resized-crop+flip"
         return "affine" if self.affine else "crop+flip" if self.flip else "crop"
 
 
@@ -52,37 +62,106 @@ _INFO = {
 }
 
 
-def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+def parse_image_size(value: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """`--image-size`: N (square) or H,W, each side in 32..4096 -> (H, W); None stays None (the default)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            sides = tuple(int(p) for p in value.replace("x", ",").split(","))
+        else:
+            sides = (value,) if isinstance(value, int) else tuple(value)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+                raise ValueError
+    except ValueError:
+        sides = ()
+    if len(sides) == 1:
+        sides *= 2
+    if len(sides) != 2 or min(sides) < MIN_IMAGE_SIZE or max(sides) > MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be N or H,W with every side a whole number >= {MIN_IMAGE_SIZE} "
+                          f"(and <= {MAX_IMAGE_SIZE}; e.g. 224 or 192,256), got {value!r}")
+    return sides
+
+
+def default_image_size(name: str) -> tuple[int, int]:
+    """32 for digits, CIFAR and MNIST (their native size); 224 for image folders."""
+    return (FOLDER_IMAGE_SIZE,) * 2 if name == "imagefolder" else (32, 32)
+
+
+def size_field(name: str, input_size: Sequence[int]) -> tuple[int, int] | None:
+    """(H, W) of `input_size` when it is not `name`'s default size, else None: what a run identity records."""
+    size = tuple(int(s) for s in input_size)[-2:]
+    return None if size == default_image_size(name) else size
+
+
+def check_image_size(given, recorded: Sequence[int], what: str) -> tuple[int, int]:
+    """The size a checkpoint was made at ((C,) H, W recorded in its spec); an explicit size must agree with it."""
+    recorded = tuple(int(s) for s in recorded)[-2:]
+    size = parse_image_size(given)
+    if size is not None and size != recorded:
+        raise ConfigError(f"{what} was made at {recorded[0]}x{recorded[1]} px, not {size[0]}x{size[1]}: drop "
+                          "--image-size (the size comes from the checkpoint) or train one at that size")
+    return recorded
+
+
+def dataset_info(name: str, root: str | Path | None = None, image_size=None) -> DatasetInfo:
+    """What a model for `name` needs to know; `image_size` (N, (H, W) or "H,W") overrides the default size."""
+    size = parse_image_size(image_size) or default_image_size(name)
     if name == "imagefolder":
-        classes = _folder_classes(_require_root(name, root) / "train")
-        return DatasetInfo("imagefolder", len(classes), (3, 32, 32), IMAGENET_MEAN, IMAGENET_STD, True)
+        classes = folder_classes(_require_root(name, root) / "train")
+        return DatasetInfo("imagefolder", len(classes), (3, *size), IMAGENET_MEAN, IMAGENET_STD, True)
     if name not in _INFO:
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return _INFO[name]
+    return dataclasses.replace(_INFO[name], input_size=(3, *size))
 
 
-class Augmented(Dataset):
-    """Standard CIFAR augmentation on normalised tensors: random crop with 4-pixel zero padding, optional h-flip.
+def default_workers(name: str) -> int:
+    """DataLoader workers: none for the in-memory datasets (nothing to decode); for image folders one per core
+    this process may use, less one for the training loop, at most 8."""
+    if name in IN_MEMORY:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
 
-    Draws from torch's global RNG (the loaders run in the main process), as the shuffling does: training seeds
-    it once, and the RNG state saved with each epoch then makes a resumed run draw what an uninterrupted one
-    would have drawn.
-    """
 
-    def __init__(self, base: Dataset, flip: bool):
-        self.base, self.flip = base, flip
+def check_workers(workers: int | None, name: str) -> int:
+    if workers is None:
+        return default_workers(name)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"--workers must be a whole number >= 0, got {workers!r}")
+    return workers
+
+
+class Transformed(Dataset):
+    """A dataset of (image tensor, label) whose images go through `transform` (torchvision transforms v2)."""
+
+    def __init__(self, base: Dataset, transform: v2.Transform):
+        self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         x, y = self.base[i]
-        h, w = x.shape[-2:]
-        dy, dx = torch.randint(0, 9, (2,)).tolist()
-        x = F.pad(x, (4, 4, 4, 4))[:, dy:dy + h, dx:dx + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, y
+        return self.transform(x), y
+
+
+def memory_transform(info: DatasetInfo, augment: bool) -> v2.Compose | None:
+    """What the in-memory (32x32, normalised) datasets go through: with `augment`, the standard CIFAR augmentation
+    (random crop with 4-pixel zero padding, h-flip where `info.flip`; `info.affine` datasets get AffineAugmented
+    instead); at another size, a resize. None: nothing.
+
+    The augmentation draws from torch's global RNG (these loaders run in the main process), as the shuffling does:
+    training seeds it once, and the RNG state saved with each epoch makes a resumed run draw what an uninterrupted
+    one would have drawn. Its draws (two crop offsets, then one flip) are those of the hand-written version it
+    replaced, so the figures in benchmarks/RESULTS.md are unchanged.
+    """
+    steps: list[v2.Transform] = []
+    if augment and not info.affine:
+        steps += [v2.RandomCrop(32, padding=4), *([v2.RandomHorizontalFlip()] if info.flip else [])]
+    if info.input_size[1:] != (32, 32):
+        steps.append(v2.Resize(info.input_size[1:], antialias=True))
+    return v2.Compose(steps) if steps else None
 
 
 class AffineAugmented(Dataset):
@@ -92,7 +171,7 @@ class AffineAugmented(Dataset):
     The standard augmentation for handwritten digits (elastic and affine distortions, Simard et al. 2003). A
     DataLoader fetches a whole batch through `__getitems__`, which transforms it in one `grid_sample`: per image
     it costs about as much as a padded crop, where torchvision's per-image RandomAffine cost ~20x more here.
-    Draws from torch's global RNG, like `Augmented`, so a seeded run repeats and a resumed one continues.
+    Draws from torch's global RNG, like `memory_transform`, so a seeded run repeats and a resumed one continues.
     """
 
     def __init__(self, base: Dataset, fill: torch.Tensor, degrees: float = 10.0, translate: float = 0.1,
@@ -230,31 +309,6 @@ def _mnist(root: Path, split: str) -> TensorDataset:
     return _to_tensor_dataset(read_idx(found[0]), read_idx(found[1]), _INFO["mnist"])
 
 
-def _folder_classes(path: Path) -> list[str]:
-    if not path.is_dir():
-        raise DataError(f"imagefolder: expected {path}/<class>/<image> folders (and test/, optionally val/)")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"imagefolder: {path} has no class folders; expected {path}/<class>/<image>")
-    return classes
-
-
-def _imagefolder(root: Path, split: str) -> Dataset:
-    info = dataset_info("imagefolder", root)
-    classes = _folder_classes(root / "train")
-    folder = root / split
-    _folder_classes(folder)
-    files = [(p, classes.index(c.name)) for c in sorted(folder.iterdir()) if c.is_dir() and c.name in classes
-             for p in sorted(c.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}]
-    if not files:
-        raise DataError(f"imagefolder: no images under {folder}/<class>/")
-    images = []
-    for p, _ in files:
-        with Image.open(p) as im:
-            images.append(np.asarray(im.convert("RGB").resize(info.input_size[:0:-1], Image.BILINEAR)))
-    return _to_tensor_dataset(np.stack(images), [y for _, y in files], info)
-
-
 def _require_root(name: str, root: str | Path | None) -> Path:
     if root is None:
         raise DataError(f"{name} needs a local data directory: pass --data-dir PATH")
@@ -273,6 +327,8 @@ def check_val_fraction(fraction: float) -> float:
 def _labels(ds: Dataset) -> np.ndarray:
     if isinstance(ds, TensorDataset):
         return ds.tensors[1].numpy()
+    if hasattr(ds, "targets"):  # an image folder: its labels without decoding an image
+        return np.asarray(ds.targets)
     return np.asarray([ds[i][1] for i in range(len(ds))])
 
 
@@ -293,8 +349,13 @@ def split_train_val(ds: Dataset, fraction: float, name: str) -> tuple[Subset, Su
     return Subset(ds, np.sort(idx_train).tolist()), Subset(ds, np.sort(idx_val).tolist())
 
 
-def load_part(name: str, part: str, root: str | Path | None = None, download: bool = False) -> Dataset:
-    """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val")."""
+def load_part(name: str, part: str, root: str | Path | None = None, download: bool = False, image_size=None,
+              augment: bool = False) -> Dataset:
+    """One part of a dataset as it lies on disk: "train" or "test" (or an image folder's own "val").
+
+    The in-memory datasets come at 32x32 (resized later, see `get_dataset`); an image folder streams at
+    `image_size` with training (`augment`) or evaluation transforms.
+    """
     if name == "digits":
         return _digits(part)
     if name in ("cifar10", "cifar100"):
@@ -303,53 +364,63 @@ def load_part(name: str, part: str, root: str | Path | None = None, download: bo
         return _cifar(name, _require_root(name, root), part, download)
     if name == "mnist":
         return _mnist(_require_root(name, root), part)
-    return _imagefolder(_require_root(name, root), part)
+    size = parse_image_size(image_size) or default_image_size(name)
+    return image_folder(_require_root(name, root), part, size, train=augment)
 
 
 def get_dataset(name: str, split: str = "train", root: str | Path | None = None, augment: bool = False,
-                download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION) -> Dataset:
-    """A dataset of (normalised 3xHxW tensor, label) for one of the three splits.
+                download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None) -> Dataset:
+    """A dataset of (normalised 3xHxW tensor, label) for one of the three splits, at `image_size` (default: the
+    dataset's, `default_image_size`).
 
     "test" is the dataset's own test part. "train" and "val" split its training part (`val_fraction` to val,
     stratified, fixed), except for an image folder that has a val/ folder: then val/ is val and train/ is train.
+    `augment`: the in-memory datasets' random crop (and flip) or affine distortion, an image folder's
+    RandomResizedCrop and flip.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    info = dataset_info(name, root)
+    info = dataset_info(name, root, image_size)
     val_fraction = check_val_fraction(val_fraction)
+    folder = name == "imagefolder"
+    part = dict(root=root, download=download, image_size=info.input_size[1:], augment=augment and folder)
     if split == "test":
-        ds: Dataset = load_part(name, "test", root, download)
-    elif name == "imagefolder" and (_require_root(name, root) / "val").is_dir():
-        ds = load_part(name, split, root, download)
+        ds: Dataset = load_part(name, "test", **part)
+    elif folder and (_require_root(name, root) / "val").is_dir():
+        ds = load_part(name, split, **part)
     else:
-        train, val = split_train_val(load_part(name, "train", root, download), val_fraction, name)
+        train, val = split_train_val(load_part(name, "train", **part), val_fraction, name)
         ds = train if split == "train" else val
-    if not augment:
+    if folder:
         return ds
-    if info.affine:
-        return AffineAugmented(ds, -torch.tensor(info.mean) / torch.tensor(info.std))
-    return Augmented(ds, info.flip)
+    if augment and info.affine:
+        ds = AffineAugmented(ds, -torch.tensor(info.mean) / torch.tensor(info.std))
+    transform = memory_transform(info, augment)
+    return ds if transform is None else Transformed(ds, transform)
 
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
-                limit: int | None = None, download: bool = False,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> DataLoader:
+                limit: int | None = None, download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
+                image_size=None, workers: int | None = None, pin_memory: bool = False) -> DataLoader:
     """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
 
     Shuffling and augmentation draw from torch's global RNG: seed it (train.seed_everything) for a repeatable run.
+    With `workers` > 0 (image folders' default, `default_workers`) each worker's RNG is seeded from that RNG when
+    an epoch starts, so a run is repeatable for a given number of workers.
     """
     train = split == "train"
     ds = get_dataset(name, split, root, augment=train if augment is None else augment, download=download,
-                     val_fraction=val_fraction)
+                     val_fraction=val_fraction, image_size=image_size)
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False,
+                      num_workers=check_workers(workers, name), pin_memory=pin_memory)
 
 
 def sample_batch(name: str, n: int, root: str | Path | None = None, split: str = "test",
-                 val_fraction: float = DEFAULT_VAL_FRACTION) -> torch.Tensor:
-    """The first `n` real images of a split, for parity checks and calibration."""
-    ds = get_dataset(name, split, root, val_fraction=val_fraction)
+                 val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None) -> torch.Tensor:
+    """The first `n` real images of a split (evaluation transforms), for parity checks and calibration."""
+    ds = get_dataset(name, split, root, val_fraction=val_fraction, image_size=image_size)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 

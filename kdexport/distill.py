@@ -23,7 +23,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import load_model
-from .data import DEFAULT_VAL_FRACTION, dataset_info
+from .data import DEFAULT_VAL_FRACTION, check_image_size, dataset_info
 from .errors import CheckpointError, ConfigError
 from .models import DistilledStudent, build_projector
 from .preflight import check_device, check_output
@@ -205,10 +205,11 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
 
 
 def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig,
-                augmentation: str) -> dict[str, Any]:
-    """What identifies a distillation run (see train.train_run); the data split is the teacher's."""
-    return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "augmentation": augmentation, "distill": distill_settings(config)}
+                augmentation: str, pretrained: str | None = None) -> dict[str, Any]:
+    """What identifies a distillation run (see train.train_run); the data split and image size are the teacher's."""
+    run = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+           "augmentation": augmentation, "distill": distill_settings(config)}
+    return run if pretrained is None else {**run, "pretrained": str(pretrained)}
 
 
 def distill_settings(config: DistillConfig) -> dict[str, Any]:
@@ -230,10 +231,11 @@ def student_spec(teacher_spec: dict[str, Any], pair: models.Pair, config: Distil
     return {"kind": "model", **keep, **common, "model": pair.student}
 
 
-def new_student(spec: dict[str, Any], teacher: nn.Module) -> nn.Module:
-    """A freshly initialised student for `spec`, carrying the trained teacher's classifier for SimKD."""
+def new_student(spec: dict[str, Any], teacher: nn.Module, pretrained: str | Path | None = None) -> nn.Module:
+    """A freshly initialised student for `spec` (its backbone from a local torchvision state_dict `pretrained`),
+    carrying the trained teacher's classifier for SimKD."""
     s = models.create_model(spec["student"], spec["num_classes"], stem=spec["stem"],
-                            input_size=tuple(spec["input_size"]))
+                            input_size=tuple(spec["input_size"]), pretrained=pretrained)
     if spec["kind"] == "distilled":
         return DistilledStudent.from_models(teacher, s, spec["projector_factor"], spec["projector_kernel"])
     return s
@@ -246,9 +248,13 @@ __all__ = ["DistillConfig", "DistilledStudent", "TeacherMemo", "build_projector"
 
 def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *, config: DistillConfig, recipe,
             epochs: int, seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
-            resume: bool | None = None) -> dict[str, float]:
-    """Distil the pair's student from a trained teacher checkpoint; writes a student checkpoint at `out`."""
-    check_output(out, inputs=(teacher_ckpt,))
+            resume: bool | None = None, image_size=None, workers: int | None = None,
+            pretrained: str | Path | None = None) -> dict[str, float]:
+    """Distil the pair's student from a trained teacher checkpoint; writes a student checkpoint at `out`.
+
+    The student works at the teacher's image size (an explicit `image_size` must agree); `pretrained` is a local
+    torchvision state_dict for the student's backbone."""
+    check_output(out, inputs=(teacher_ckpt, pretrained))
     check_device(device)
     teacher, tspec = load_model(teacher_ckpt)
     if tspec["kind"] != "model":
@@ -260,19 +266,21 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     if tspec["model"] != pair.teacher:
         raise CheckpointError(f"{teacher_ckpt} holds {tspec['model']}, but pair {pair.name} needs teacher "
                               f"{pair.teacher}; pass the matching --teacher")
+    size = check_image_size(image_size, tspec["input_size"], teacher_ckpt)
     spec = student_spec(tspec, pair, config)
-    spec["run"] = distill_run(pair, seed, epochs, recipe, config,
-                              dataset_info(tspec["dataset"], data_dir).augmentation)
+    spec["run"] = distill_run(pair, seed, epochs, recipe, config, dataset_info(tspec["dataset"], data_dir).augmentation,
+                              pretrained)
     spec["recipe"] = recipe.to_dict()
     spec["metrics"] = {"teacher_top1": tspec.get("metrics", {}).get("top1")}
     seed_everything(seed)
-    student = new_student(spec, teacher)
-    train, val, test = split_loaders(tspec["dataset"], recipe.batch_size, data_dir, spec["val_fraction"])
+    student = new_student(spec, teacher, pretrained)
+    dev = pick_device(device)
+    train, val, test = split_loaders(tspec["dataset"], recipe.batch_size, data_dir, spec["val_fraction"],
+                                     image_size=size, workers=workers, device=dev)
     if config.method == "simkd" and config.match_bn:
         with torch.no_grad():
             calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])
             match_output_bn_(student.projector, teacher.forward_features(calib))
-    dev = pick_device(device)
     teacher.to(dev)
     step = distillation_step(student, teacher, config.method, config.temperature, config.alpha, config.cls_weight,
                              memo=True)

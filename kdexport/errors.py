@@ -23,3 +23,15 @@ class TrainingError(KdexportError):
 
 class CheckFailed(KdexportError):
     """A run finished but its check did not pass (exit 1)."""
+
+
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded.
+
+    A DataLoader worker's exception reaches the main process rebuilt from its whole traceback text; the message
+    is cut back to the original line, so the user still reads one line naming the file.
+    """
+
+    def __init__(self, message: str):
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split("UnreadableImage: ", 1)[-1])

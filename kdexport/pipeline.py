@@ -22,7 +22,15 @@ import torch
 
 from . import __version__, models
 from .checkpoint import load_checkpoint, load_model, write_json
-from .data import DEFAULT_VAL_FRACTION, check_val_fraction, dataset_info
+from .data import (
+    DEFAULT_VAL_FRACTION,
+    check_val_fraction,
+    check_workers,
+    dataset_info,
+    default_image_size,
+    parse_image_size,
+    size_field,
+)
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
 from .lock import output_lock
@@ -93,9 +101,22 @@ class RunConfig:
     profile: str | None = None
     profile_batch: int = 32
     teacher: str | None = None  # a trained teacher checkpoint to reuse instead of training one
+    image_size: tuple[int, int] | None = None  # (H, W); None: the dataset's default (data.default_image_size)
+    workers: int | None = None  # DataLoader workers; None: data.default_workers
+    teacher_pretrained: str | None = None  # local torchvision state_dicts the teacher / the students start from
+    student_pretrained: str | None = None
 
     def __post_init__(self):
         models.resolve_pair(self.pair)
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        check_workers(self.workers, self.dataset)
+        if self.teacher and self.teacher_pretrained:
+            raise ConfigError("--teacher-pretrained is where a teacher that compress trains starts from; with "
+                              "--teacher (an already trained one) drop it")
+        for flag, path in (("--teacher-pretrained", self.teacher_pretrained),
+                           ("--student-pretrained", self.student_pretrained)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag}: {path} is not a file; pass a local torchvision state_dict")
         check_epochs(teacher_epochs=self.teacher_epochs, distill_epochs=self.distill_epochs,
                      finetune_epochs=self.finetune_epochs)
         if not self.finetune_lr > 0:
@@ -113,6 +134,16 @@ class RunConfig:
     @property
     def pair_spec(self) -> models.Pair:
         return models.resolve_pair(self.pair)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The image size every stage of the run works at."""
+        return self.image_size or default_image_size(self.dataset)
+
+    @property
+    def augmentation(self) -> str:
+        """What the run's training stages augment with (data.DatasetInfo.augmentation)."""
+        return dataset_info(self.dataset, self.data_dir).augmentation
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -167,30 +198,37 @@ def ensure_teacher(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
             raise CheckpointError(f"{cfg.teacher} is not a trained {pair.teacher}; pair {pair.name} needs one")
         if spec.get("dataset") != cfg.dataset:
             raise CheckpointError(f"{cfg.teacher} was trained on {spec.get('dataset')}, not {cfg.dataset}")
+        if tuple(spec["input_size"][1:]) != cfg.size:
+            raise CheckpointError(f"{cfg.teacher} was trained at {'x'.join(map(str, spec['input_size'][1:]))} px, "
+                                  f"not {'x'.join(map(str, cfg.size))}; pass --image-size "
+                                  f"{','.join(map(str, spec['input_size'][1:]))} or train a teacher at this size")
         if spec.get("val_fraction") != cfg.val_fraction:
             raise CheckpointError(f"{cfg.teacher} was trained with --val-fraction {spec.get('val_fraction')}, so "
                                   f"it may have seen this run's validation images; pass --val-fraction "
                                   f"{spec.get('val_fraction')} or train a teacher with {cfg.val_fraction}")
         return Path(cfg.teacher)
-    return _ensure_trained(cfg, run_dir, pair.teacher, TEACHER_FILE, cfg.teacher_epochs, cfg.teacher_recipe, force)
+    return _ensure_trained(cfg, run_dir, pair.teacher, TEACHER_FILE, cfg.teacher_epochs, cfg.teacher_recipe, force,
+                           cfg.teacher_pretrained)
 
 
 def ensure_baseline(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
     """run_dir/baseline.pt: the student architecture trained alone with cross-entropy, with the distillation's
     budget, recipe, data and seed, so that the distilled student has the comparison that tells what KD is worth."""
-    return _ensure_trained(cfg, run_dir, cfg.pair_spec.student, BASELINE_FILE, cfg.distill_epochs, cfg.recipe, force)
+    return _ensure_trained(cfg, run_dir, cfg.pair_spec.student, BASELINE_FILE, cfg.distill_epochs, cfg.recipe, force,
+                           cfg.student_pretrained)
 
 
 def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs: int, recipe_name: str,
-                    force: bool) -> Path:
+                    force: bool, pretrained: str | None) -> Path:
     path = run_dir / name
     recipe = get_recipe(recipe_name)
-    run = train_run(model, cfg.seed, epochs, recipe, dataset_info(cfg.dataset, cfg.data_dir).augmentation,
-                    cfg.val_fraction)
+    run = train_run(model, cfg.seed, epochs, recipe, cfg.augmentation, cfg.val_fraction,
+                    size_field(cfg.dataset, cfg.size), pretrained)
     if not _reusable(path, run, force):
         metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
                                    stem=cfg.stem, data_dir=cfg.data_dir, device=cfg.device,
-                                   resume=False if force else None, val_fraction=cfg.val_fraction)
+                                   resume=False if force else None, val_fraction=cfg.val_fraction,
+                                   image_size=cfg.size, workers=cfg.workers, pretrained=pretrained)
         record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 
@@ -202,11 +240,12 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight, match_bn=cfg.match_bn)
     recipe = get_recipe(cfg.recipe)
-    run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config,
-                      dataset_info(cfg.dataset, cfg.data_dir).augmentation)
+    run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config, cfg.augmentation,
+                      cfg.student_pretrained)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,
-                          seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=False if force else None)
+                          seed=seed, data_dir=cfg.data_dir, device=cfg.device, resume=False if force else None,
+                          image_size=cfg.size, workers=cfg.workers, pretrained=cfg.student_pretrained)
         record_stage(run_dir, cfg, path.stem, {"path": path.name, **metrics})
     return path
 
@@ -234,7 +273,7 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
             prune_checkpoint(student, config, path, finetune_epochs=finetune_epochs(method, cfg.finetune_epochs),
                              finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
                              recipe=finetune_recipe(cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
-                             device=cfg.device)
+                             device=cfg.device, workers=cfg.workers)
             record_stage(run_dir, cfg, path.stem, {"path": path.name})
     row = measure(path, cfg)
     row.update(pair=cfg.pair_spec.name, dataset=cfg.dataset, method=method, level=float(level), seed=seed,

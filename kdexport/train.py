@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from . import models
 from .checkpoint import load_checkpoint, load_model, model_spec, nonfinite_tensors, save_checkpoint
-from .data import DEFAULT_VAL_FRACTION, dataset_info, make_loader
+from .data import DEFAULT_VAL_FRACTION, check_image_size, dataset_info, make_loader, size_field
 from .errors import CheckpointError, ConfigError, TrainingError
 from .lock import output_lock
 from .metrics import param_counts
@@ -269,55 +269,81 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
 
 
 def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe, augmentation: str,
-              val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, Any]:
-    """What identifies a training run: a finished checkpoint is reused only for the same identity."""
-    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "augmentation": augmentation, "val_fraction": val_fraction}
+              val_fraction: float = DEFAULT_VAL_FRACTION, image_size: tuple[int, int] | None = None,
+              pretrained: str | None = None) -> dict[str, Any]:
+    """What identifies a training run: a finished checkpoint is reused only for the same identity.
+
+    The image size and the pretrained weights enter it only when given (a size other than the dataset's default,
+    see `data.size_field`), so the runs made before they existed keep their identity."""
+    run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+           "augmentation": augmentation, "val_fraction": val_fraction}
+    if image_size is not None:
+        run["image_size"] = list(image_size)
+    if pretrained is not None:
+        run["pretrained"] = str(pretrained)
+    return run
 
 
 def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,
-                  download: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
-    """(train shuffled and augmented, val, test) loaders of one dataset."""
-
-    train = make_loader(dataset, "train", batch_size, data_dir, download=download, val_fraction=val_fraction)
-    val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction)
-    return train, val, make_loader(dataset, "test", 256, data_dir)
+                  download: bool = False, image_size=None, workers: int | None = None,
+                  device: torch.device | str = "cpu") -> tuple[DataLoader, DataLoader, DataLoader]:
+    """(train shuffled and augmented, val, test) loaders of one dataset at `image_size` (the dataset's default
+    when None), with `workers` processes each (`data.default_workers` when None); pinned memory for CUDA."""
+    common = dict(image_size=image_size, workers=workers, pin_memory=torch.device(device).type == "cuda")
+    train = make_loader(dataset, "train", batch_size, data_dir, download=download, val_fraction=val_fraction,
+                        **common)
+    val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction, **common)
+    return train, val, make_loader(dataset, "test", 256, data_dir, **common)
 
 
 def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, recipe: Recipe, seed: int = 0,
                      stem: str | None = None, data_dir: str | Path | None = None, pretrained: str | None = None,
                      device: str | None = None, resume: bool | None = None, download: bool = False,
-                     val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, float]:
-    """Train a classifier (a teacher, or a student without distillation) with cross-entropy."""
+                     val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None,
+                     workers: int | None = None) -> dict[str, float]:
+    """Train a classifier (a teacher, or a student without distillation) with cross-entropy.
+
+    `image_size` (N or (H, W); the dataset's default when None) is recorded in the checkpoint's spec, and every
+    later stage takes it from there. `pretrained` is a local torchvision state_dict; its classifier is kept only
+    when it has the dataset's class count.
+    """
     check_output(out, inputs=(pretrained,))
     check_device(device)
-    info = dataset_info(dataset, data_dir)
+    info = dataset_info(dataset, data_dir, image_size)
     stem = stem or models.DEFAULT_STEM
     seed_everything(seed)  # --seed also fixes the initial weights
     model = models.create_model(model_name, info.num_classes, stem=stem, pretrained=pretrained,
                                 input_size=info.input_size)
-    run = train_run(model_name, seed, epochs, recipe, info.augmentation, val_fraction)
+    run = train_run(model_name, seed, epochs, recipe, info.augmentation, val_fraction,
+                    size_field(dataset, info.input_size), pretrained)
     spec = model_spec("model", num_classes=info.num_classes, stem=stem, input_size=info.input_size,
                       dataset=dataset, mean=info.mean, std=info.std, model=model_name, recipe=recipe.to_dict(),
                       seed=seed, run=run, val_fraction=val_fraction)
-    train, val, test = split_loaders(dataset, recipe.batch_size, data_dir, val_fraction, download=download)
-    return fit(model, ce_step, train, val, test, recipe, epochs, Path(out), spec, device=pick_device(device),
+    dev = pick_device(device)
+    train, val, test = split_loaders(dataset, recipe.batch_size, data_dir, val_fraction, download=download,
+                                     image_size=info.input_size[1:], workers=workers, device=dev)
+    return fit(model, ce_step, train, val, test, recipe, epochs, Path(out), spec, device=dev,
                seed=seed, resume=resume, label=f"train {model_name}")
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
-                        device: str | None = None) -> dict[str, Any]:
-    """Accuracy and both parameter counts of a checkpoint: `student_params` (paper) and `deployed_params`."""
+                        device: str | None = None, image_size=None, workers: int | None = None) -> dict[str, Any]:
+    """Accuracy and both parameter counts of a checkpoint: `student_params` (paper) and `deployed_params`.
+
+    Images come at the checkpoint's size; an explicit `image_size` must agree with it."""
     dev = pick_device(device)
     model, spec = load_model(path)
+    size = check_image_size(image_size, spec["input_size"], path)
     bad = nonfinite_tensors(model)
     if bad:
         stderr.print(f"warning: {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}); its accuracy "
                      "below is not a trained model's", highlight=False, soft_wrap=True)
     dataset = dataset or spec["dataset"]
     val_fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
-    test = make_loader(dataset, "test", 256, data_dir)
-    val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction) if dataset == spec["dataset"] else None
+    common = dict(image_size=size, workers=workers, pin_memory=dev.type == "cuda")
+    test = make_loader(dataset, "test", 256, data_dir, **common)
+    val = (make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction, **common)
+           if dataset == spec["dataset"] else None)
     acc = evaluate(model.to(dev), test, dev)
     vals = {f"val_{k}": v for k, v in evaluate(model, val, dev).items() if k != "nll"} if val else {}
     counts = param_counts(model)

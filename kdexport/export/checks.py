@@ -84,9 +84,10 @@ def torch_logits(model: nn.Module, x: torch.Tensor, device: str = "cpu", chunk: 
 
 
 def eval_images(dataset: str, split: str, limit: int | None, root: str | Path | None,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of a split; `limit` keeps an evenly spaced subset (folders are sorted by class)."""
-    ds = get_dataset(dataset, split, root, val_fraction=val_fraction)
+                val_fraction: float = DEFAULT_VAL_FRACTION, image_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of a split at `image_size` (evaluation transforms); `limit` keeps an evenly spaced subset
+    (folders are sorted by class)."""
+    ds = get_dataset(dataset, split, root, val_fraction=val_fraction, image_size=image_size)
     idx = np.arange(len(ds)) if limit is None or limit >= len(ds) else \
         np.linspace(0, len(ds) - 1, limit).round().astype(int)
     items = [ds[int(i)] for i in idx]

@@ -21,7 +21,7 @@ class FormatSpec:
     options: frozenset[str]  # ExportConfig fields this format accepts besides the common ones
 
 
-COMMON_OPTIONS = frozenset({"format", "out", "data_dir", "eval_limit"})
+COMMON_OPTIONS = frozenset({"format", "out", "data_dir", "eval_limit", "image_size"})
 _INT8 = frozenset({"int8", "calib", "calib_method", "max_drop", "allow_drop"})
 FORMATS: dict[Format, FormatSpec] = {
     Format.ONNX: FormatSpec((".onnx",), "cpu or gpu",
@@ -50,7 +50,7 @@ DEFAULT_ATOL = {"onnx-fp32": 1e-3, "openvino-fp32": 1e-3, "tensorrt-fp32": 2e-3,
 _FLAG = {f: "--" + f.replace("_", "-") for f in ("opset", "batch", "dynamic", "half", "int8", "int8_target",
                                                  "calib", "calib_method", "max_drop", "allow_drop", "atol",
                                                  "device", "workspace", "eval_limit",
-                                                 "data_dir", "out")}
+                                                 "data_dir", "out", "image_size")}
 
 
 class ParityError(CheckFailed):
@@ -91,6 +91,7 @@ class ExportConfig:
     workspace: int | None = None  # TensorRT workspace limit in MiB [1024]
     eval_limit: int | None = None  # validation (and test) images for the int8 accuracies [all]
     data_dir: Path | None = None  # dataset root (not needed for digits)
+    image_size: int | str | tuple[int, int] | None = None  # must agree with the checkpoint's (it decides)
 
     def __post_init__(self) -> None:
         try:

@@ -50,8 +50,9 @@ def choose(result, fp32: bytes, ort_fp32: OrtRunner, spec: dict[str, Any], confi
            static: int | None) -> tuple[bytes, Int8Choice, tuple[np.ndarray, np.ndarray]]:
     """Pick the INT8 model on validation; fill the result's accuracies; return (QDQ bytes, choice, val)."""
     fraction = spec.get("val_fraction", DEFAULT_VAL_FRACTION)
-    calib, _ = eval_images(spec["dataset"], "train", config.calib or DEFAULT_CALIB, config.data_dir, fraction)
-    val = eval_images(spec["dataset"], "val", config.eval_limit, config.data_dir, fraction)
+    size = spec["input_size"][1:]
+    calib, _ = eval_images(spec["dataset"], "train", config.calib or DEFAULT_CALIB, config.data_dir, fraction, size)
+    val = eval_images(spec["dataset"], "val", config.eval_limit, config.data_dir, fraction, size)
     runtime, notes = _runtime_for(config)
     result.accuracy_fp32 = accuracy(ort_fp32, *val)
     choice = choose_int8(fp32, calib, val, fp32_accuracy=result.accuracy_fp32, target=config.recipe,
@@ -94,7 +95,8 @@ def gate(result, choice: Int8Choice, config: ExportConfig) -> None:
 
 def test_accuracy(result, ort_fp32: OrtRunner, runner: Runner, spec: dict[str, Any], config: ExportConfig) -> None:
     """Test top-1 of fp32 (ONNX Runtime) and of the written INT8 model (gating runtime), once, for the record."""
-    test = eval_images(spec["dataset"], "test", config.eval_limit, config.data_dir)
+    test = eval_images(spec["dataset"], "test", config.eval_limit, config.data_dir,
+                       image_size=spec["input_size"][1:])
     result.test_images = len(test[1])
     result.test_accuracy_fp32 = accuracy(ort_fp32, *test)
     result.test_accuracy_int8 = accuracy(runner, *test)

@@ -22,6 +22,7 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import atomic_write, load_model
 from ..errors import ConfigError
+from ..imagefolder import eval_resize
 from .checks import batches
 from .formats import ExportFailed
 
@@ -51,6 +52,15 @@ def onnx_bytes(model: nn.Module, input_size, *, opset: int = 18, batch: int = 1,
     return buf.getvalue()
 
 
+def preprocessing(spec: dict[str, Any]) -> str | None:
+    """How a deployed caller turns a photograph into the model's input (image folders; None for the others)."""
+    if spec.get("dataset") != "imagefolder" or not spec.get("input_size"):
+        return None
+    h, w = spec["input_size"][1:]
+    return (f"RGB; resize the shorter side to {eval_resize((h, w))} (bilinear, antialiased); centre crop {h}x{w}; "
+            "scale to [0, 1]; subtract mean, divide by std; NCHW float32")
+
+
 def metadata(spec: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
     """metadata_props of an exported model: provenance, accuracy and the preprocessing a caller must apply."""
     meta: dict[str, Any] = {"kdexport_version": __version__, "exporter": EXPORTER}
@@ -62,7 +72,7 @@ def metadata(spec: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
             dataset=spec.get("dataset"), num_classes=spec.get("num_classes"),
             method=prune.get("method", "none"), amount=prune.get("amount", 0.0),
             accuracy_top1=(spec.get("metrics") or {}).get("top1"), input_size=spec.get("input_size"),
-            mean=spec.get("mean"), std=spec.get("std"),
+            mean=spec.get("mean"), std=spec.get("std"), preprocess=preprocessing(spec),
         )
     meta.update(extra)
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write, build_model, load_model, nonfinite_tensors
-from ..data import sample_batch
+from ..data import check_image_size, sample_batch
 from ..errors import CheckpointError, ConfigError
 from ..metrics import sparse_encoded_bytes
 from ..preflight import check_output
@@ -114,8 +114,9 @@ def export(checkpoint: str | Path, config: ExportConfig | None = None) -> Export
     for key in ("dataset", "input_size", "num_classes"):
         if key not in spec:
             raise CheckpointError(f"{checkpoint} has no {key!r} in its spec; re-save it with this kdexport")
+    check_image_size(config.image_size, spec["input_size"], checkpoint)
     images = sample_batch(spec["dataset"], config.batch * math.ceil(PARITY_IMAGES / config.batch),
-                          root=config.data_dir)
+                          root=config.data_dir, image_size=spec["input_size"][1:])
     reference = torch_logits(model, images, device)
     model.cpu()
     meta = dict(opset=config.opset, batch="dynamic" if config.dynamic else config.batch)

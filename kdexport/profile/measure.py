@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import check_image_size
 from ..errors import ConfigError
 from ..vocab import OV_DEVICES, Backend
 from .backends import (
@@ -227,6 +228,8 @@ def _choose(art: Artifact, config: ProfileConfig) -> tuple[Any, Backend, str]:
         try:
             runner = make_runner(backend, art, **_runner_args(config))
             p50 = _measure_batch(runner, batch, warmup, iters, config.device)[0].p50_ms
+        except ConfigError:  # the user's input (an input size the model does not take) fails every candidate
+            raise
         except Exception as exc:  # a candidate that cannot run must not stop the others; the note says why
             why = str(exc) if isinstance(exc, (BackendUnavailable, Skip)) else f"failed: {exc!r}"
             skipped.append(f"{backend.value}: {why}")
@@ -266,6 +269,9 @@ def profile(artifact: str | Path | bytes | nn.Module, config: ProfileConfig | No
     """
     config = config or ProfileConfig()
     art = Artifact(artifact)
+    if art.kind == "checkpoint" and config.input_size is not None:  # the checkpoint's spec decides its size
+        art.model()
+        check_image_size(config.input_size[1:], art.spec_size, art.label)
     notes: list[str] = []
     results: list[BatchResult] = []
     rss_scoped = True

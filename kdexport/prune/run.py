@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KINDS, atomic_write, build_model, load_checkpoint, load_model, model_from, save_checkpoint
-from ..data import DEFAULT_VAL_FRACTION
+from ..data import DEFAULT_VAL_FRACTION, check_image_size
 from ..distill import distillation_step
 from ..errors import CheckpointError, ConfigError
 from ..lock import output_lock
@@ -148,21 +148,24 @@ def _prune_step_(model: nn.Module, config: PruneConfig, example: torch.Tensor, h
 def prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str | Path, *, finetune_epochs: int = 0,
                      finetune_scope: str = "all", teacher_ckpt: str | Path | None = None, recipe=None,
                      seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
-                     recalibrate_bn: bool = True) -> dict[str, Any]:
+                     recalibrate_bn: bool = True, image_size=None, workers: int | None = None) -> dict[str, Any]:
     """Prune a checkpoint (see `_prune_checkpoint`), after checking `out_path`, holding its write lock."""
     check_output(out_path, inputs=(ckpt_path, teacher_ckpt))
     check_device(device)
     with output_lock(out_path):
         return _prune_checkpoint(ckpt_path, config, out_path, finetune_epochs=finetune_epochs,
                                  finetune_scope=finetune_scope, teacher_ckpt=teacher_ckpt, recipe=recipe, seed=seed,
-                                 data_dir=data_dir, device=device, recalibrate_bn=recalibrate_bn)
+                                 data_dir=data_dir, device=device, recalibrate_bn=recalibrate_bn,
+                                 image_size=image_size, workers=workers)
 
 
 def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str | Path, *, finetune_epochs: int = 0,
                       finetune_scope: str = "all", teacher_ckpt: str | Path | None = None, recipe=None,
                       seed: int = 0, data_dir: str | Path | None = None, device: str | None = None,
-                      recalibrate_bn: bool = True) -> dict[str, Any]:
+                      recalibrate_bn: bool = True, image_size=None, workers: int | None = None) -> dict[str, Any]:
     """Prune a checkpoint in `config.steps` steps (fine-tuning `finetune_epochs` after each), save `out_path`.
+
+    Data comes at the checkpoint's image size (an explicit `image_size` must agree), with `workers` processes.
 
     After each step, BatchNorm statistics are re-estimated on training batches (`recalibrate_bn`), before any
     fine-tuning: without it a channel-pruned student starts fine-tuning at chance.
@@ -180,6 +183,7 @@ def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str 
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be an integer >= 0, got {finetune_epochs!r}")
     model, spec = load_prunable(ckpt_path)
+    size = check_image_size(image_size, spec["input_size"], ckpt_path)
     recipe = recipe or finetune_recipe()
     dev = pick_device(device)
     seed_everything(seed)
@@ -187,7 +191,8 @@ def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str 
     if finetune_epochs:
         step, objective, teacher = _objective(model, spec, ckpt_path, teacher_ckpt, dev)
     train, val, test = split_loaders(spec["dataset"], recipe.batch_size, data_dir,
-                                     spec.get("val_fraction", DEFAULT_VAL_FRACTION))
+                                     spec.get("val_fraction", DEFAULT_VAL_FRACTION), image_size=size,
+                                     workers=workers, device=dev)
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
               "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,

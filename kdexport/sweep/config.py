@@ -56,6 +56,7 @@ class SweepConfig:
     device: str | None = None
     data_dir: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    workers: int | None = None  # DataLoader workers: how the data is read, not what the study is
 
     def __post_init__(self):
         object.__setattr__(self, "pairs", check_pairs(self.pairs))

@@ -33,7 +33,7 @@ class PipelineRunner:
         return RunConfig(pair=pair, dataset=config.dataset, data_dir=config.data_dir, seed=config.seed,
                          teacher_epochs=config.teacher_epochs, distill_epochs=config.distill_epochs,
                          finetune_epochs=config.finetune_epochs, device=config.device, profile=config.profile,
-                         **dict(config.options))
+                         workers=config.workers, **dict(config.options))
 
     def stage(self, config: SweepConfig, pair: str, repeat: int | None) -> dict[str, Any]:
         """Ensure the pair's teacher (repeat None) or the repeat's student; return its summary."""

@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kdexport.data import (
     AffineAugmented,
-    Augmented,
+    Transformed,
     dataset_info,
     get_dataset,
     load_part,
     make_loader,
+    memory_transform,
     read_idx,
     sample_batch,
     split_train_val,
@@ -196,7 +197,7 @@ def test_cifar100_reads_fine_labels(cifar_root):
 
 def test_cifar_augmentation_keeps_shape_and_flips(cifar_root):
     base = load_part("cifar10", "train", cifar_root)
-    aug = Augmented(base, flip=True)
+    aug = Transformed(base, memory_transform(dataset_info("cifar10"), augment=True))
     ramp = base[1][0]
     plain, flipped = crops(ramp), crops(ramp.flip(-1))
     kinds = set()
@@ -206,6 +207,23 @@ def test_cifar_augmentation_keeps_shape_and_flips(cifar_root):
         kinds.add("plain" if any(torch.equal(x, c) for c in plain) else
                   "flipped" if any(torch.equal(x, c) for c in flipped) else "other")
     assert kinds == {"plain", "flipped"}
+
+
+def test_augmentation_draws_what_the_hand_written_one_drew():
+    """transforms.v2 replaced a hand-written crop and flip; every figure in RESULTS.md relies on the same draws."""
+    x = torch.randn(30, 3, 32, 32)
+    aug = Transformed(TensorDataset(x, torch.zeros(30)), memory_transform(dataset_info("cifar10"), augment=True))
+    torch.manual_seed(0)
+    got = [aug[i][0] for i in range(30)]
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    for i in range(30):  # the replaced code, verbatim
+        dy, dx = torch.randint(0, 9, (2,)).tolist()
+        ref = F.pad(x[i], (4, 4, 4, 4))[:, dy:dy + 32, dx:dx + 32]
+        if torch.rand(()) < 0.5:
+            ref = ref.flip(-1)
+        assert torch.equal(got[i], ref), i
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 def test_cifar_missing_or_incomplete_names_the_layout(tmp_path):
@@ -326,9 +344,11 @@ def folder_root(tmp_path_factory) -> Path:
 
 
 def test_imagefolder(folder_root):
-    info = dataset_info("imagefolder", folder_root)
+    assert dataset_info("imagefolder", folder_root).input_size == (3, 224, 224)  # the default: torchvision's size
+    info = dataset_info("imagefolder", folder_root, 32)
     assert info.num_classes == 2 and info.input_size == (3, 32, 32)
-    train, test = load_part("imagefolder", "train", folder_root), get_dataset("imagefolder", "test", folder_root)
+    train = load_part("imagefolder", "train", folder_root, image_size=32)
+    test = get_dataset("imagefolder", "test", folder_root, image_size=32)
     assert labels_of(train).tolist() == [0, 0, 1, 1] and labels_of(test).tolist() == [0, 1]
     red, blue = test[0][0], test[1][0]
     assert red.shape == (3, 32, 32)

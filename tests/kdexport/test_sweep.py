@@ -316,3 +316,17 @@ def test_real_sweep_cli_ctrl_c_then_resume(tmp_path):
     assert json.loads(res.stdout)["ran"] == 10 - before
     keys = db_keys(store)
     assert len(keys) == len(set(keys)) == 10
+
+
+def test_image_size_is_part_of_the_study_and_workers_are_not(tmp_path):
+    from kdexport.sweep.runner import PipelineRunner
+
+    def study(**kw):
+        return SweepConfig(pairs=("res50-squeezenet",), levels=(0.0,), out=tmp_path, dataset="imagefolder", **kw)
+
+    sized = study(options={"image_size": (96, 96)}, workers=3)
+    cfg = PipelineRunner().run_config(sized, "res50-squeezenet")
+    assert cfg.size == (96, 96) and cfg.workers == 3
+    assert PipelineRunner().run_config(study(), "res50-squeezenet").size == (224, 224)  # image folders' default
+    assert sized.settings() != study().settings()  # a study at another size is another study
+    assert study(workers=3).settings() == study().settings()  # how the data is read is not

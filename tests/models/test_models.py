@@ -161,3 +161,33 @@ def test_duplicate_registration_is_an_error():
         register_model(resnet18)
     assert models.list_models() == ALL
     assert isinstance(models.create_model("resnet18"), nn.Module)
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_1", "mobilenet_v2", "efficientnet_b0", "densenet169"])
+def test_pretrained_torchvision_weights_at_224_with_a_new_head(name, tmp_path):
+    """A torchvision state_dict loads into the zoo model (ImageNet stem) with its classifier re-initialised for
+    the user's class count, and at 224 px the backbone computes exactly what torchvision's does."""
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)(weights=None).eval()
+    path = tmp_path / f"{name}.pth"
+    torch.save(ref.state_dict(), path)
+    model = models.create_model(name, num_classes=7, pretrained=path, input_size=(3, 224, 224)).eval()
+    ours, theirs = model.state_dict(), ref.state_dict()
+    head = {k for k in theirs if ours[k].shape != theirs[k].shape}
+    assert head and all(k.startswith(model.classifier_attr) for k in head)  # only the classifier is new
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k not in head)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model(x).shape == (1, 7)
+        torch.testing.assert_close(model.forward_features(x), ref.features(x) if name != "densenet169" else
+                                   torch.relu(ref.features(x)), rtol=0, atol=0)
+
+
+def test_simkd_projector_is_3x3_on_the_7x7_maps_of_224_px():
+    student = models.create_model("resnet18", 10, input_size=(3, 224, 224))
+    assert models.projector_kernel(student, (3, 224, 224)) == 3
+    assert models.projector_kernel(student, (3, 32, 32)) == 1  # a 1x1 map at 32 px
+    distilled = models.DistilledStudent.from_names("resnet50", "resnet18", num_classes=10, stem="imagenet",
+                                                   input_size=(3, 224, 224), projector_kernel=3).eval()
+    with torch.no_grad():
+        assert distilled.forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 2048, 7, 7)
