@@ -206,8 +206,10 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
 
 def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig) -> dict[str, Any]:
     """What identifies a distillation run (see train.train_run); the data split is the teacher's."""
-    return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "distill": distill_settings(config)}
+    run = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+           "distill": distill_settings(config)}
+    revision = models.model_revision(pair.student)
+    return {**run, "revision": revision} if revision else run
 
 
 def distill_settings(config: DistillConfig) -> dict[str, Any]:

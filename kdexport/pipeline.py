@@ -56,6 +56,7 @@ from .vocab import (
     finetune_recipe,
     get_recipe,
     level_file,
+    model_recipe,
     run_directory,
     student_file,
 )
@@ -184,7 +185,7 @@ def ensure_baseline(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
 def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs: int, recipe_name: str,
                     force: bool) -> Path:
     path = run_dir / name
-    recipe = get_recipe(recipe_name)
+    recipe = model_recipe(recipe_name, model)
     run = train_run(model, cfg.seed, epochs, recipe, cfg.val_fraction)
     if not _reusable(path, run, force):
         metrics = train_classifier(model, cfg.dataset, path, epochs=epochs, recipe=recipe, seed=cfg.seed,
@@ -200,7 +201,7 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     teacher = ensure_teacher(cfg, run_dir, force)
     path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight, match_bn=cfg.match_bn)
-    recipe = get_recipe(cfg.recipe)
+    recipe = model_recipe(cfg.recipe, cfg.pair_spec.student)
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config)
     if not _reusable(path, run, force):
         metrics = distill(teacher, cfg.pair, path, config=config, recipe=recipe, epochs=cfg.distill_epochs,

@@ -291,8 +291,10 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
 def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe,
               val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, Any]:
     """What identifies a training run: a finished checkpoint is reused only for the same identity."""
-    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-            "val_fraction": val_fraction}
+    run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+           "val_fraction": val_fraction}
+    revision = models.model_revision(model_name)
+    return {**run, "revision": revision} if revision else run
 
 
 def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,

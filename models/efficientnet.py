@@ -18,6 +18,10 @@ class EfficientNet(ClassifierContract, tv.EfficientNet):
         norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01) if variant >= "efficientnet_b5" else None
         super().__init__(setting, dropout, num_classes=num_classes, last_channel=last_channel, norm_layer=norm)
         self.num_features = self.classifier[-1].in_features
+        # torchvision draws the head from U(+-1 / sqrt(num_classes)), sized for ImageNet's 1000 classes: with 10 the
+        # initial logits have std ~5 and the loss starts at 6-7 instead of ln 10. torch's default Linear init,
+        # U(+-1 / sqrt(in_features)), keeps them small for any class count (at 1000 classes it is the same scale).
+        self.classifier[-1].reset_parameters()
         if stem == "cifar":
             self.features[0][0].stride = (1, 1)
 
@@ -44,6 +48,7 @@ def _register(variant: str) -> None:
 
     factory.__name__ = variant
     factory.__doc__ = f"{variant} (width {width}, depth {depth})."
+    factory.revision = 1  # 1: the head's init no longer scales with the class count (see EfficientNet.__init__)
     register_model(factory)
 
 
