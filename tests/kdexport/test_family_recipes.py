@@ -33,6 +33,13 @@ def test_efficientnets_train_at_sgd_lr_0_01_and_their_runs_say_the_revision(mode
     assert train_run(model, 0, 10, get_recipe("adamw"))["revision"] == models.model_revision(model) >= 1
 
 
+@pytest.mark.parametrize("name", ["cosine", "adamw"])
+def test_squeezenet_trains_with_adamw_at_lr_0_001_and_batch_32(name):
+    recipe = model_recipe(name, "squeezenet1_1")
+    assert (recipe.optimizer, recipe.lr, recipe.batch_size) == ("adamw", 0.001, 32)
+    assert train_run("squeezenet1_1", 0, 12, recipe)["revision"] == models.model_revision("squeezenet1_1") >= 1
+
+
 def test_every_family_prefix_names_registered_models():
     for prefix, departures in FAMILY_RECIPES.items():
         assert any(m.startswith(prefix) for m in models.list_models()), prefix
@@ -99,3 +106,13 @@ def _steps(model: str, recipe_name: str, steps: int = 8) -> list[float]:
 def test_efficientnet_b0_loss_falls_at_its_recipe():
     losses = _steps("efficientnet_b0", "cosine")
     assert losses[0] < 3.0 and min(losses[-3:]) < 0.9 * losses[0], losses
+
+
+def test_squeezenet_loss_falls_at_its_recipe_and_its_logits_are_not_clipped_at_zero():
+    """With torchvision's ReLU on the logits, SGD at lr 0.05 left every logit at 0 and the loss at ln 10."""
+    losses = _steps("squeezenet1_1", "cosine", steps=30)
+    assert min(losses[-5:]) < 0.9 * losses[0], losses
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = models.create_model("squeezenet1_1", 10).eval()(torch.randn(8, 3, 32, 32))
+    assert (logits < 0).any()
