@@ -18,7 +18,7 @@ from ..vocab import (
     STUDENT_FILE,
     STUDENT_RECIPE,
     TEACHER_RECIPE,
-    get_recipe,
+    model_recipe,
     trained_path,
 )
 from .app import (
@@ -95,8 +95,8 @@ def train(
     """Train a classifier (a teacher) with cross-entropy."""
     path = out or trained_path(dataset, model)
     metrics = train_classifier(model, dataset, path, epochs=epochs,
-                               recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size,
-                                                 weight_decay=weight_decay),
+                               recipe=model_recipe(recipe.value, model, lr=lr, batch_size=batch_size,
+                                                   weight_decay=weight_decay),
                                seed=seed, stem=stem.value, data_dir=data_dir,
                                pretrained=str(pretrained) if pretrained else None, device=device, resume=resume or None,
                                download=download, val_fraction=val_fraction, image_size=image_size, workers=workers)
@@ -137,7 +137,8 @@ def distill(
               DistillConfig(method.value, projector_factor, temperature, alpha, cls_weight))
     path = out or teacher.with_name(STUDENT_FILE)
     metrics = run_distill(teacher, pair, path, config=config,
-                          recipe=get_recipe(recipe.value, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
+                          recipe=model_recipe(recipe.value, zoo.resolve_pair(pair).student, lr=lr,
+                                              batch_size=batch_size, weight_decay=weight_decay),
                           epochs=epochs, seed=seed, data_dir=data_dir, device=device, resume=resume or None,
                           image_size=image_size, workers=workers, pretrained=pretrained)
     emit([{"checkpoint": str(path), **metrics}], "distilled", as_json)

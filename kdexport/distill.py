@@ -209,6 +209,9 @@ def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: Disti
     """What identifies a distillation run (see train.train_run); the data split and image size are the teacher's."""
     run = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
            "augmentation": augmentation, "distill": distill_settings(config)}
+    revision = models.model_revision(pair.student)
+    if revision:
+        run["revision"] = revision
     return run if pretrained is None else {**run, "pretrained": str(pretrained)}
 
 

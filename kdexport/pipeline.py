@@ -64,6 +64,7 @@ from .vocab import (
     finetune_recipe,
     get_recipe,
     level_file,
+    model_recipe,
     run_directory,
     student_file,
 )
@@ -221,7 +222,7 @@ def ensure_baseline(cfg: RunConfig, run_dir: Path, force: bool = False) -> Path:
 def _ensure_trained(cfg: RunConfig, run_dir: Path, model: str, name: str, epochs: int, recipe_name: str,
                     force: bool, pretrained: str | None) -> Path:
     path = run_dir / name
-    recipe = get_recipe(recipe_name)
+    recipe = model_recipe(recipe_name, model)
     run = train_run(model, cfg.seed, epochs, recipe, cfg.augmentation, cfg.val_fraction,
                     size_field(cfg.dataset, cfg.size), pretrained)
     if not _reusable(path, run, force):
@@ -239,7 +240,7 @@ def ensure_student(cfg: RunConfig, run_dir: Path, force: bool = False, seed: int
     teacher = ensure_teacher(cfg, run_dir, force)
     path = run_dir / student_file(seed, cfg.seed)
     config = DistillConfig(cfg.distill_method, cfg.projector_factor, cls_weight=cfg.cls_weight, match_bn=cfg.match_bn)
-    recipe = get_recipe(cfg.recipe)
+    recipe = model_recipe(cfg.recipe, cfg.pair_spec.student)
     run = distill_run(cfg.pair_spec, seed, cfg.distill_epochs, recipe, config, cfg.augmentation,
                       cfg.student_pretrained)
     if not _reusable(path, run, force):

@@ -273,14 +273,18 @@ def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe, augmentat
               pretrained: str | None = None) -> dict[str, Any]:
     """What identifies a training run: a finished checkpoint is reused only for the same identity.
 
-    The image size and the pretrained weights enter it only when given (a size other than the dataset's default,
-    see `data.size_field`), so the runs made before they existed keep their identity."""
+    The image size, the pretrained weights and the zoo's revision of the model enter it only when given (a size
+    other than the dataset's default, see `data.size_field`; a non-zero `models.model_revision`), so the runs made
+    before they existed keep their identity."""
     run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
            "augmentation": augmentation, "val_fraction": val_fraction}
     if image_size is not None:
         run["image_size"] = list(image_size)
     if pretrained is not None:
         run["pretrained"] = str(pretrained)
+    revision = models.model_revision(model_name)
+    if revision:
+        run["revision"] = revision
     return run
 
 

@@ -5,10 +5,10 @@ from .base import ClassifierHead, classify
 from .distilled import DistilledStudent, build_projector, is_distilled, projector_kernel
 from .errors import ModelError, PretrainedWeightsError
 from .pairs import PAIRS, Pair, resolve_pair
-from .registry import DEFAULT_STEM, STEMS, count_params, create_model, list_models, register_model
+from .registry import DEFAULT_STEM, STEMS, count_params, create_model, list_models, model_revision, register_model
 
 __all__ = [
     "ClassifierHead", "classify", "DistilledStudent", "build_projector", "is_distilled", "projector_kernel",
     "ModelError", "PretrainedWeightsError", "PAIRS", "Pair", "resolve_pair", "DEFAULT_STEM", "STEMS",
-    "count_params", "create_model", "list_models", "register_model",
+    "count_params", "create_model", "list_models", "model_revision", "register_model",
 ]

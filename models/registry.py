@@ -29,6 +29,12 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_revision(name: str) -> int:
+    """How often a registered model's construction changed what it trains to (0: never); part of run identities,
+    so that a checkpoint trained from an older construction is not reused as if it were current."""
+    return getattr(_MODELS[name], "revision", 0)
+
+
 def create_model(
     name: str,
     num_classes: int = 10,

@@ -80,7 +80,11 @@ def test_torchvision_parity_at_1000_classes(name):
     """Same parameter count, state_dict keys and shapes, and module tree as torchvision's (built on meta: no init)."""
     with torch.device("meta"):
         ours = models.create_model(name, num_classes=1000)
-        ref = getattr(torchvision.models, name)(weights=None)
+        # the zoo builds EfficientNets without their training-only regularisers (models/efficientnet.py)
+        no_regularisers = {"dropout": 0.0, "stochastic_depth_prob": 0.0} if name.startswith("efficientnet") else {}
+        ref = getattr(torchvision.models, name)(weights=None, **no_regularisers)
+        if name.startswith("squeezenet"):
+            ref.classifier[2] = nn.Identity()  # no ReLU on the logits (models/squeezenet.py)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     sd, ref_sd = ours.state_dict(), ref.state_dict()
     assert list(sd) == list(ref_sd)
