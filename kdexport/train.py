@@ -152,6 +152,7 @@ def fit(
     resume: bool | None = None,
     label: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
+    keep_state: bool = True,
 ) -> dict[str, float]:
     """Train `model` with `step(model, x, y) -> (loss, logits)` and save `out` with metrics in its spec.
 
@@ -161,14 +162,17 @@ def fit(
 
     An interrupted run of the same identity (`spec["run"]`) is continued from its state file; `resume=True`
     refuses to start over when there is none, `resume=False` starts over. Only one process writes `out` at a time.
+    `keep_state=False` writes no state file (a run nothing will continue, such as fine-tuning a freshly pruned
+    model): each epoch's state costs a write of the model, the optimiser and the best weights.
     """
     with output_lock(check_output(out)):
         return _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, Path(out), spec,
-                    params=params, device=device, seed=seed, resume=resume, label=label, after_step=after_step)
+                    params=params, device=device, seed=seed, resume=resume, label=label, after_step=after_step,
+                    keep_state=keep_state)
 
 
 def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out, spec, *, params, device, seed,
-         resume, label, after_step) -> dict[str, float]:
+         resume, label, after_step, keep_state) -> dict[str, float]:
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
     if epochs == 0:
@@ -250,10 +254,11 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
             with log_path.open("a") as fh:
                 fh.write(json.dumps({"stage": label, **metrics}) + "\n")
             rng = {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})}
-            save_checkpoint(state_path, model.state_dict(), spec,
-                            extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng,
-                                   "epoch": epoch + 1, "best_key": list(best["key"]), "best_epoch": best["epoch"],
-                                   "best_state": best["state"], "best_val": best["val"]})
+            if keep_state:
+                save_checkpoint(state_path, model.state_dict(), spec,
+                                extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **rng,
+                                       "epoch": epoch + 1, "best_key": list(best["key"]), "best_epoch": best["epoch"],
+                                       "best_state": best["state"], "best_val": best["val"]})
             if not stderr.is_terminal:
                 stderr.print(f"[{label}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
                              f"val top1 {val['top1']:.2f}% ({metrics['images_per_s']:.0f} img/s)")

@@ -127,7 +127,7 @@ def _finetune(model: nn.Module, step: Step, loaders, recipe, epochs: int, scope:
     with _frozen(frozen):
         params = [p for part in trained for p in part.parameters()]
         return fit(model, guarded, *loaders, recipe, epochs, out, spec, params=params, device=device, seed=seed,
-                   label=label, resume=False)  # a fresh pruned model each time: nothing to continue
+                   label=label, resume=False, keep_state=False)  # a fresh pruned model each time: nothing to continue
 
 
 def _prune_step_(model: nn.Module, config: PruneConfig, example: torch.Tensor, history: list,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from kdexport import models
+from kdexport import train as train_module
 from kdexport.checkpoint import build_model, load_checkpoint, load_model, model_spec, save_checkpoint
 from kdexport.cli import app
 from kdexport.data import dataset_info
@@ -232,9 +234,14 @@ def distilled_run(tmp_path, teacher_ckpt):
     return run
 
 
-def test_prune_checkpoint_weight_finetunes_and_saves(tmp_path, teacher_ckpt):
+def test_prune_checkpoint_weight_finetunes_and_saves(tmp_path, teacher_ckpt, monkeypatch):
     out = tmp_path / "out" / "weight-0.50.pt"
+    written = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda path, *a, **kw: written.append(Path(path).name)
+                        or real_save(path, *a, **kw))
     row = prune_checkpoint(teacher_ckpt, PruneConfig("weight", 0.5, steps=2), out, finetune_epochs=1, seed=0)
+    assert written and not any(name.endswith(".state.pt") for name in written)  # nothing resumes a fine-tuning
     model, spec = load_model(out)
     assert abs(global_sparsity(model) - 0.5) < 0.005 and abs(row["sparsity"] - 0.5) < 0.005
     assert row["top1"] > 60 and spec["metrics"]["top1"] == row["top1"]
