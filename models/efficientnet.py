@@ -25,7 +25,8 @@ class EfficientNet(ClassifierContract, tv.EfficientNet):
         # torchvision draws the head from U(+-1 / sqrt(num_classes)), sized for ImageNet's 1000 classes: with 10 the
         # initial logits have std ~5 and the loss starts at 6-7 instead of ln 10. torch's default Linear init,
         # U(+-1 / sqrt(in_features)), keeps them small for any class count (at 1000 classes it is the same scale).
-        self.classifier[-1].reset_parameters()
+        with torch.random.fork_rng(devices=[]):  # the seeded draws of whatever is built next stay as they were
+            self.classifier[-1].reset_parameters()
         if stem == "cifar":
             self.features[0][0].stride = (1, 1)
 
