@@ -102,6 +102,9 @@ def compress(
     force: Annotated[bool, typer.Option(help="Recompute stages that are already done.")] = False,
     image_size: ImageSizeOpt = None,
     workers: WorkersOpt = None,
+    jobs: Annotated[int | None, typer.Option(help="Stages run at once after the student (the baseline and the "
+                                                  "pruned levels), each on its share of the threads [one per "
+                                                  "thread on a CPU with in-memory data, else 1].")] = None,
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -116,7 +119,7 @@ def compress(
                     val_fraction=val_fraction, seed=seed, device=device, stem=stem.value, scope=scope,
                     round_to=round_to, w1=w1, w2=w2, tolerance=tolerance,
                     breakpoint_method=breakpoint, profile=profile, profile_batch=profile_batch,
-                    teacher=str(teacher) if teacher else None, image_size=image_size, workers=workers,
+                    teacher=str(teacher) if teacher else None, image_size=image_size, workers=workers, jobs=jobs,
                     teacher_pretrained=str(teacher_pretrained) if teacher_pretrained else None,
                     student_pretrained=str(student_pretrained) if student_pretrained else None)
     result = run_compress(cfg, parse_methods(methods), parse_levels(levels), repeats, out, force, log=log)

@@ -89,3 +89,15 @@ def _acquire(lock: Path, path: str | Path) -> int:
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             return fd
         os.close(fd)
+
+
+@contextlib.contextmanager
+def waiting_lock(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` itself for a short critical section, waiting while another process
+    holds it (unlike output_lock, which refuses). It leaves no file behind."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -8,19 +8,13 @@ from its state file. `--force` recomputes.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import json
-import platform
 import socket
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import __version__, models
+from . import models
 from .checkpoint import load_checkpoint, load_model, write_json
 from .data import (
     DEFAULT_VAL_FRACTION,
@@ -33,20 +27,21 @@ from .data import (
 )
 from .distill import DistillConfig, distill, distill_run
 from .errors import CheckpointError, ConfigError
+from .jobs import check_jobs, run_side_by_side, stage_jobs
 from .lock import output_lock
+from .manifest import record_stage
 from .metrics import count_macs, latency_efficiency, param_counts, performance_efficiency
 from .preflight import check_device, check_output
 from .profile import ProfileConfig, profile
 from .prune import PruneConfig, prune_checkpoint
 from .runid import check_same_run
 from .summary import reference_lines, summarise
-from .train import train_classifier, train_run
+from .train import pick_device, train_classifier, train_run
 from .vocab import (
     BASELINE_FILE,
     DEFAULT_LEVELS,
     FINETUNE_LR,
     FINETUNE_SCOPES,
-    MANIFEST_FILE,
     METHODS,
     RESULTS_FILE,
     RUNS_ROOT,
@@ -104,6 +99,7 @@ class RunConfig:
     teacher: str | None = None  # a trained teacher checkpoint to reuse instead of training one
     image_size: tuple[int, int] | None = None  # (H, W); None: the dataset's default (data.default_image_size)
     workers: int | None = None  # DataLoader workers; None: data.default_workers
+    jobs: int | None = None  # stages run side by side after the student; None: jobs.stage_jobs decides
     teacher_pretrained: str | None = None  # local torchvision state_dicts the teacher / the students start from
     student_pretrained: str | None = None
 
@@ -111,6 +107,7 @@ class RunConfig:
         models.resolve_pair(self.pair)
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         check_workers(self.workers, self.dataset)
+        check_jobs(self.jobs)
         if self.teacher and self.teacher_pretrained:
             raise ConfigError("--teacher-pretrained is where a teacher that compress trains starts from; with "
                               "--teacher (an already trained one) drop it")
@@ -149,35 +146,6 @@ class RunConfig:
 
 def default_run_dir(cfg: RunConfig) -> Path:
     return run_directory(RUNS_ROOT, cfg.dataset, cfg.pair)
-
-
-def versions() -> dict[str, str]:
-    """The versions a manifest records; Torch-Pruning's from its package metadata (its __version__ lags)."""
-    return {"kdexport": __version__, "torch": torch.__version__, "torch_pruning": version("torch-pruning"),
-            "python": platform.python_version()}
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-def _manifest_path(run_dir: Path) -> Path:
-    return run_dir / MANIFEST_FILE
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = _manifest_path(run_dir)
-    if not path.is_file():
-        return {"stages": {}}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path} is corrupt; delete it (stages are re-registered) or use another --out") from None
-
-
-def record_stage(run_dir: Path, cfg: RunConfig, name: str, info: dict[str, Any]) -> None:
-    """Mark a stage done in manifest.json (rewritten atomically)."""
-    manifest = read_manifest(run_dir)
-    manifest.update(config=dataclasses.asdict(cfg), versions=versions(), host=socket.gethostname())
-    manifest["stages"][name] = {**info, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_json(_manifest_path(run_dir), manifest)
 
 
 def _reusable(path: Path, run: dict[str, Any], force: bool) -> bool:
@@ -257,28 +225,40 @@ def run_level(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: in
 
     `force` recomputes this level only; the shared teacher and student are forced by `compress`.
     """
+    t0 = time.perf_counter()
+    path = level_checkpoint(cfg, run_dir, method, level, seed, force, student_seed)
+    return level_row(cfg, path, time.perf_counter() - t0, method=method, level=level,
+                     seed=cfg.seed if seed is None else seed)
+
+
+def level_checkpoint(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: int | None = None,
+                     force: bool = False, student_seed: int | None = None) -> Path:
+    """The checkpoint of one level, made once: the distilled student at 0, else the student pruned to `level`
+    with `method` and fine-tuned."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     seed = cfg.seed if seed is None else seed
-    t0 = time.perf_counter()
     student = ensure_student(cfg, run_dir, seed=student_seed)
-    teacher = ensure_teacher(cfg, run_dir)
     if level == 0:
-        path = student  # the unpruned student is level 0 of both methods
+        return student  # the unpruned student is level 0 of both methods
+    config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
+    path = run_dir / level_file(method, level, seed, cfg.seed)
+    if not force and path.is_file():
+        _check_level_settings(path, config, cfg, finetune_recipe(cfg.finetune_lr))
     else:
-        config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
-        path = run_dir / level_file(method, level, seed, cfg.seed)
-        if not force and path.is_file():
-            _check_level_settings(path, config, cfg, finetune_recipe(cfg.finetune_lr))
-        else:
-            prune_checkpoint(student, config, path, finetune_epochs=finetune_epochs(method, cfg.finetune_epochs),
-                             finetune_scope=cfg.finetune_scope, teacher_ckpt=teacher,
-                             recipe=finetune_recipe(cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
-                             device=cfg.device, workers=cfg.workers)
-            record_stage(run_dir, cfg, path.stem, {"path": path.name})
+        prune_checkpoint(student, config, path, finetune_epochs=finetune_epochs(method, cfg.finetune_epochs),
+                         finetune_scope=cfg.finetune_scope, teacher_ckpt=ensure_teacher(cfg, run_dir),
+                         recipe=finetune_recipe(cfg.finetune_lr), seed=seed, data_dir=cfg.data_dir,
+                         device=cfg.device, workers=cfg.workers)
+        record_stage(run_dir, cfg, path.stem, {"path": path.name})
+    return path
+
+
+def level_row(cfg: RunConfig, path: Path, duration_s: float, *, method: str, level: float, seed: int) -> dict[str, Any]:
+    """The measured row of a level's checkpoint."""
     row = measure(path, cfg)
     row.update(pair=cfg.pair_spec.name, dataset=cfg.dataset, method=method, level=float(level), seed=seed,
-               duration_s=time.perf_counter() - t0, host=socket.gethostname(), checkpoint=str(path))
+               duration_s=duration_s, host=socket.gethostname(), checkpoint=str(path))
     return row
 
 
@@ -348,21 +328,48 @@ def compress(cfg: RunConfig, methods=METHODS, levels=DEFAULT_LEVELS, repeats: in
 def _compress(cfg: RunConfig, methods, levels, repeats: int, run_dir: Path, force: bool, log) -> CompressResult:
     cells = [(m, lv, r) for r in range(repeats) for m in methods for lv in levels]
     log(f"run directory {run_dir}: teacher {cfg.pair_spec.teacher}, student {cfg.pair_spec.student}")
-    ensure_student(cfg, run_dir, force)
+    student = ensure_student(cfg, run_dir, force)
+    made = _after_student(cfg, run_dir, [c for c in cells if c[1] != 0], repeats, force, log)
     references = {"teacher": measure(ensure_teacher(cfg, run_dir), cfg)}
     if cfg.baseline:
-        log(f"baseline: {cfg.pair_spec.student} trained alone (cross-entropy, the distillation's budget)")
-        references["baseline"] = measure(ensure_baseline(cfg, run_dir, force), cfg)
-    rows = []
-    for i, (method, level, r) in enumerate(cells, 1):
-        log(f"[{i}/{len(cells)}] {method} pruning at {level:.0%} (repeat {r + 1}/{repeats})")
-        rows.append(run_level(cfg, run_dir, method, level, seed=cfg.seed + r, force=force))
+        references["baseline"] = measure(made["baseline"][0], cfg)
+    rows = [level_row(cfg, *made.get((m, lv, r), (student, 0.0)), method=m, level=lv, seed=cfg.seed + r)
+            for m, lv, r in cells]
     table, summary = summarise(rows, cfg.tolerance, cfg.breakpoint_method, cfg.profile)
-    student = next((r for r in rows if r["level"] == 0), None) or measure(run_dir / student_file(cfg.seed, cfg.seed),
-                                                                          cfg)
-    summary = reference_lines(references, student, cfg.pair_spec) + summary
+    student_row = next((r for r in rows if r["level"] == 0), None) or measure(student, cfg)
+    summary = reference_lines(references, student_row, cfg.pair_spec) + summary
     write_json(run_dir / RESULTS_FILE, {"config": dataclasses.asdict(cfg), "rows": rows, "table": table,
                                           "summary": summary, **{k: {**v, "test_top1": v["top1"]}
                                                                  for k, v in references.items()}})
     record_stage(run_dir, cfg, "compress", {"methods": list(methods), "levels": list(levels), "repeats": repeats})
     return CompressResult(run_dir, rows, table, summary, references)
+
+
+def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bool, log) -> dict[Any, tuple]:
+    """Make the baseline and the pruned levels' checkpoints: {"baseline" | (method, level, repeat): (path, s)}.
+
+    They need nothing but the teacher and the student, so they run side by side (kdexport.jobs), the longest
+    first; the parent measures them afterwards, so that latency is never timed beside a training run.
+    """
+    stages = [("baseline", "baseline", cfg.distill_epochs, ensure_baseline, (cfg, run_dir, force))] if cfg.baseline \
+        else []
+    stages += [((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
+                finetune_epochs(m, cfg.finetune_epochs), level_checkpoint, (cfg, run_dir, m, lv, cfg.seed + r, force))
+               for m, lv, r in cells]
+    stages.sort(key=lambda stage: -stage[2])
+    jobs = min(len(stages), stage_jobs(cfg.jobs, pick_device(cfg.device), check_workers(cfg.workers, cfg.dataset) == 0))
+    if stages:
+        log(f"{len(stages)} stages after the student, " + (f"{jobs} at a time" if jobs > 1 else "one at a time"))
+    finished = []
+
+    def done(i: int, result: tuple[Path, float]) -> None:
+        finished.append(i)
+        log(f"[{len(finished)}/{len(stages)}] {stages[i][1]}: {result[1]:.0f} s")
+
+    results = run_side_by_side([(_timed, (stage[3], *stage[4])) for stage in stages], jobs, done)
+    return {stage[0]: result for stage, result in zip(stages, results, strict=True)}
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0

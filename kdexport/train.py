@@ -37,6 +37,12 @@ from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the 
 stderr = Console(stderr=True)
 
 
+def plain_progress() -> None:
+    """Report training as one line per epoch, never a live bar: for worker processes, whose bars would interleave."""
+    global stderr
+    stderr = Console(stderr=True, force_terminal=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

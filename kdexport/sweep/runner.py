@@ -11,9 +11,10 @@ import torch
 
 from .. import __version__
 from ..checkpoint import build_model, load_checkpoint, load_model
+from ..manifest import versions
 from ..metrics import layer_sparsity, param_counts
 from ..models import is_distilled
-from ..pipeline import RunConfig, ensure_student, ensure_teacher, run_level, versions
+from ..pipeline import RunConfig, ensure_student, ensure_teacher, run_level
 from ..vocab import norm_level
 from .config import Cell, SweepConfig
 

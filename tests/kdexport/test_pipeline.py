@@ -21,8 +21,9 @@ FAST = ["--pair", "lenet5:lenet300_100", "--levels", "0,0.5", "--teacher-epochs"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "run"
-    result = runner.invoke(app, ["compress", *FAST, "--out", str(out)])
+    result = runner.invoke(app, ["compress", *FAST, "--out", str(out), "--jobs", "2"])  # forked workers
     assert result.exit_code == 0, result.output
+    assert "3 stages after the student, 2 at a time" in result.output
     return out
 
 
@@ -93,6 +94,7 @@ def test_a_weight_level_pruned_without_the_layer_floor_is_not_reused(run_dir, tm
     (["--finetune-lr", "0"], "--finetune-lr must be > 0"),
     (["--val-fraction", "1.5"], "--val-fraction must be a fraction in (0, 1)"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--jobs", "0"], "--jobs must be a whole number >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["compress", "--out", str(tmp_path / "r"), *args])
