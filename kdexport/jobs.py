@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .train import plain_progress
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -86,7 +87,5 @@ def run_side_by_side(calls: Sequence[Call], jobs: int,
 
 
 def _worker(threads: int) -> None:
-    from . import train
-
     torch.set_num_threads(threads)
-    train.plain_progress()
+    plain_progress()
