@@ -27,6 +27,7 @@ from .data import DEFAULT_VAL_FRACTION, check_image_size, dataset_info
 from .errors import CheckpointError, ConfigError
 from .models import DistilledStudent, build_projector
 from .preflight import check_device, check_output
+from .runid import optional
 from .train import fit, pick_device, seed_everything, split_loaders
 from .vocab import DISTILL_METHODS
 
@@ -207,12 +208,9 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
 def distill_run(pair: models.Pair, seed: int, epochs: int, recipe, config: DistillConfig,
                 augmentation: str, pretrained: str | None = None) -> dict[str, Any]:
     """What identifies a distillation run (see train.train_run); the data split and image size are the teacher's."""
-    run = {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-           "augmentation": augmentation, "distill": distill_settings(config)}
-    revision = models.model_revision(pair.student)
-    if revision:
-        run["revision"] = revision
-    return run if pretrained is None else {**run, "pretrained": str(pretrained)}
+    return {"stage": "distill", "pair": pair.name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+            "augmentation": augmentation, "distill": distill_settings(config),
+            **optional(revision=models.model_revision(pair.student) or None, pretrained=pretrained)}
 
 
 def distill_settings(config: DistillConfig) -> dict[str, Any]:

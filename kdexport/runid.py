@@ -17,6 +17,12 @@ def as_stored(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def optional(**fields: Any) -> dict[str, Any]:
+    """The fields that are set (not None), as stored. Fields added to an identity after runs were made enter it
+    only when set, so that those runs keep their identity."""
+    return as_stored({k: v for k, v in fields.items() if v is not None})
+
+
 def run_differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
     """The (dotted) fields that differ between two run identities, after JSON normalisation; [] if the same."""
     a, b = as_stored(stored), as_stored(wanted)

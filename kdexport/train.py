@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError, TrainingError
 from .lock import output_lock
 from .metrics import param_counts
 from .preflight import check_device, check_output
-from .runid import check_same_run
+from .runid import check_same_run, optional
 from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
 
 stderr = Console(stderr=True)
@@ -287,16 +287,10 @@ def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe, augmentat
     The image size, the pretrained weights and the zoo's revision of the model enter it only when given (a size
     other than the dataset's default, see `data.size_field`; a non-zero `models.model_revision`), so the runs made
     before they existed keep their identity."""
-    run = {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
-           "augmentation": augmentation, "val_fraction": val_fraction}
-    if image_size is not None:
-        run["image_size"] = list(image_size)
-    if pretrained is not None:
-        run["pretrained"] = str(pretrained)
-    revision = models.model_revision(model_name)
-    if revision:
-        run["revision"] = revision
-    return run
+    return {"stage": "train", "model": model_name, "seed": seed, "epochs": epochs, "recipe": recipe.to_dict(),
+            "augmentation": augmentation, "val_fraction": val_fraction,
+            **optional(image_size=image_size, pretrained=pretrained,
+                       revision=models.model_revision(model_name) or None)}
 
 
 def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,
