@@ -10,7 +10,11 @@ cores), run their stages one after another.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
@@ -21,6 +25,7 @@ from .errors import ConfigError
 from .train import plain_progress
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def check_jobs(jobs: int | None) -> None:
@@ -60,7 +65,7 @@ def run_side_by_side(calls: Sequence[Call], jobs: int,
         return results
     threads = max(1, torch.get_num_threads() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker,
-                               initargs=(threads,))
+                               initargs=(threads, os.getpid()))
     waiting, running = list(enumerate(calls)), {}
     failed: BaseException | None = None
     try:
@@ -86,6 +91,16 @@ def run_side_by_side(calls: Sequence[Call], jobs: int,
     return results
 
 
-def _worker(threads: int) -> None:
+def _worker(threads: int, parent: int) -> None:
+    _die_with(parent)
     torch.set_num_threads(threads)
     plain_progress()
+
+
+def _die_with(parent: int) -> None:
+    """On Linux, the worker is killed when the run's process dies, however it dies (Ctrl-C reaches the workers
+    anyway): no orphan goes on training, writing the run directory, or holding its lock."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)

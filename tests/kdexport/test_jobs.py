@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,3 +112,43 @@ def test_how_many_stages_run_at_once(two_threads):
 def test_bad_jobs_are_refused(jobs):
     with pytest.raises(ConfigError, match="--jobs must be a whole number >= 1"):
         check_jobs(jobs)
+
+
+def write_pid_and_sleep(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent's death on Linux only")
+def test_workers_die_with_a_killed_run(tmp_path):
+    """SIGKILL of the run's process (no cleanup runs) leaves no worker training on, or holding the run's lock."""
+    pid_file = tmp_path / "worker.pid"
+    script = ("import sys; sys.path[:0] = sys.argv[1:2]\n"
+              "from tests.kdexport.test_jobs import write_pid_and_sleep\n"
+              "from kdexport.jobs import run_side_by_side\n"
+              f"run_side_by_side([(write_pid_and_sleep, ({str(pid_file)!r},)), (write_pid_and_sleep, ('/dev/null',))],"
+              " jobs=2)\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).resolve().parents[2])])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived the killed run"
+            time.sleep(0.1)
+    finally:
+        run.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a killed child of ours that init has not reaped yet is a zombie: dead
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
