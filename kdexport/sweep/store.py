@@ -7,6 +7,7 @@ teachers and students the cells share) and `meta` (the sweep's settings, so a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ class ResultsStore:
 
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
+        self.read_only = not create
         if not create:
             self.db = self._open_read_only()
             return
@@ -95,6 +97,12 @@ class ResultsStore:
         self.close()
 
     def close(self) -> None:
+        """Close; a writer leaves the file in rollback-journal mode, so that read-only openers (stats, report, a
+        copied or committed store) find no WAL to replay and leave no -wal/-shm files beside it. The next writer
+        turns WAL on again; while another connection holds the database, the mode stays as it is."""
+        if not self.read_only:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("PRAGMA journal_mode=DELETE")
         self.db.close()
 
     def done_keys(self) -> set[tuple]:

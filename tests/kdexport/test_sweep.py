@@ -101,10 +101,15 @@ def test_store_primary_key_and_json_columns(tmp_path):
         assert store.write(row) is True
         assert store.write({**row, "level": 0.3, "top1": 10.0}) is False  # same cell: ignored, not duplicated
         (got,) = store.rows()
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # while the sweep writes
     assert got["level"] == 0.3 and got["top1"] == 90.0 and got["custom"] == 7
     assert got["layer_sparsity"] == [{"layer": "x", "sparsity": 0.5}]
+    # closed, it is one plain file: a reader (stats, report, a committed copy) leaves no -wal/-shm beside it
+    with ResultsStore(tmp_path / "r.sqlite", create=False) as reader:
+        assert len(reader.rows()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.sqlite"]
     with sqlite3.connect(tmp_path / "r.sqlite") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         with pytest.raises(sqlite3.IntegrityError):
             db.execute("INSERT INTO results (pair, dataset, method, level, repeat) VALUES ('a','digits','weight',"
                        "0.3,0)")
