@@ -40,6 +40,7 @@ from .train import pick_device, train_classifier, train_run
 from .vocab import (
     BASELINE_FILE,
     DEFAULT_LEVELS,
+    FINETUNE_KEEP,
     FINETUNE_LR,
     FINETUNE_SCOPES,
     METHODS,
@@ -269,7 +270,7 @@ def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     epochs = finetune_epochs(config.method, cfg.finetune_epochs)
     wanted = {"method": config.method, "amount": config.amount, "scope": config.scope, "finetune_epochs": epochs,
               "finetune_scope": cfg.finetune_scope, "recipe": recipe.to_dict() if epochs else None,
-              "bn_recalibration": True}
+              "bn_recalibration": True, "keep_epoch": FINETUNE_KEEP if epochs else None}
     if config.method == "weight":
         wanted["min_layer_density"] = config.min_layer_density
     made = {k: prune.get(k) for k in wanted} | ({} if epochs else {"recipe": None})

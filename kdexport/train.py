@@ -32,7 +32,7 @@ from .lock import output_lock
 from .metrics import param_counts
 from .preflight import check_device, check_output
 from .runid import check_same_run, optional
-from .vocab import RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
+from .vocab import KEEP_EPOCH, RECIPES, Recipe, get_recipe  # noqa: F401  (re-exported: the recipes belong to training)
 
 stderr = Console(stderr=True)
 
@@ -159,12 +159,15 @@ def fit(
     label: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
     keep_state: bool = True,
+    keep: str = "best",
 ) -> dict[str, float]:
     """Train `model` with `step(model, x, y) -> (loss, logits)` and save `out` with metrics in its spec.
 
-    After every epoch the model is measured on the validation split; the epoch with the best validation top-1
-    (ties: the lower validation loss, then the later epoch) is the one saved. The test split is measured once, on
-    that model, and only reported: it feeds no choice.
+    After every epoch the model is measured on the validation split. `keep="best"` saves the epoch with the best
+    validation top-1 (ties: the lower validation loss, then the later epoch); `keep="last"` saves the last epoch
+    (fine-tuning after pruning, where picking the best of a few noisy validation readings did worse on held-out
+    validation images: benchmarks/RESULTS.md). The test split is measured once, on the saved model, and only
+    reported: it feeds no choice.
 
     An interrupted run of the same identity (`spec["run"]`) is continued from its state file; `resume=True`
     refuses to start over when there is none, `resume=False` starts over. Only one process writes `out` at a time.
@@ -174,11 +177,13 @@ def fit(
     with output_lock(check_output(out)):
         return _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, Path(out), spec,
                     params=params, device=device, seed=seed, resume=resume, label=label, after_step=after_step,
-                    keep_state=keep_state)
+                    keep_state=keep_state, keep=keep)
 
 
 def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out, spec, *, params, device, seed,
-         resume, label, after_step, keep_state) -> dict[str, float]:
+         resume, label, after_step, keep_state, keep) -> dict[str, float]:
+    if keep not in KEEP_EPOCH:
+        raise ConfigError(f"keep must be one of {', '.join(KEEP_EPOCH)}, got {keep!r}")
     if epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {epochs}")
     if epochs == 0:
@@ -254,7 +259,7 @@ def _fit(model, step, train_loader, val_loader, test_loader, recipe, epochs, out
                        "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr": opt.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val.items()}}
             key = (val["top1"], -val["nll"])
-            if best is None or key >= best["key"]:
+            if best is None or key >= best["key"] or keep == "last":
                 best = {"key": key, "epoch": epoch + 1, "val": val,
                         "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
             with log_path.open("a") as fh:

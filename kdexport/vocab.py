@@ -223,6 +223,11 @@ STUDENT_RECIPE = "cosine"  # students: `distill`, the student-alone baseline, fi
 # students' own 20 epochs, whose teacher outputs the fine-tuning finds in distill.TeacherMemo).
 FINETUNE_LR = 0.01
 FINETUNE_EPOCHS = {"weight": 4, "channel": 20}
+# Which epoch a training run saves (train.fit): the best on validation, or the last. Fine-tuning keeps the last: on
+# the README pair's 24 fine-tuning runs, choosing the best epoch on one half of validation scored lower on the other
+# half than the last epoch did (benchmarks/RESULTS.md, "Which fine-tuning epoch to keep").
+KEEP_EPOCH = ("best", "last")
+FINETUNE_KEEP = "last"
 TEACHER_EPOCHS = 16  # the default run's teacher: at 10 its validation accuracy was still rising (RESULTS.md)
 STUDENT_EPOCHS = 20  # distillation and the student-alone baseline
 

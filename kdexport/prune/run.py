@@ -49,7 +49,7 @@ from ..train import (
     seed_everything,
     split_loaders,
 )
-from ..vocab import FINETUNE_SCOPES, finetune_recipe
+from ..vocab import FINETUNE_KEEP, FINETUNE_SCOPES, finetune_recipe
 from .channel import prune_channels, replay_channels_
 from .config import PruneConfig
 from .weight import prune_weights_, remove_masks_, rewind_weights_
@@ -127,7 +127,8 @@ def _finetune(model: nn.Module, step: Step, loaders, recipe, epochs: int, scope:
     with _frozen(frozen):
         params = [p for part in trained for p in part.parameters()]
         return fit(model, guarded, *loaders, recipe, epochs, out, spec, params=params, device=device, seed=seed,
-                   label=label, resume=False, keep_state=False)  # a fresh pruned model each time: nothing to continue
+                   label=label, resume=False, keep_state=False,  # a fresh pruned model each time: nothing to continue
+                   keep=FINETUNE_KEEP)
 
 
 def _prune_step_(model: nn.Module, config: PruneConfig, example: torch.Tensor, history: list,
@@ -196,7 +197,7 @@ def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str 
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
               "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,
-              "bn_recalibration": recalibrate_bn,
+              "bn_recalibration": recalibrate_bn, "keep_epoch": FINETUNE_KEEP if finetune_epochs else None,
               "teacher": str(teacher) if teacher else None, "source": str(ckpt_path), "seed": seed,
               "previous": spec.get("prune")}
     new_spec = {**spec, "prune": record, "run": {"stage": "prune", **record}}

@@ -246,6 +246,7 @@ def test_prune_checkpoint_weight_finetunes_and_saves(tmp_path, teacher_ckpt, mon
     assert abs(global_sparsity(model) - 0.5) < 0.005 and abs(row["sparsity"] - 0.5) < 0.005
     assert row["top1"] > 60 and spec["metrics"]["top1"] == row["top1"]
     assert spec["prune"]["method"] == "weight" and spec["prune"]["objective"] == "ce" and "structure" not in spec
+    assert spec["prune"]["keep_epoch"] == "last" and spec["metrics"]["best_epoch"] == 1
     assert row["params_nonzero"] < 0.55 * row["student_params"] and row["sparse_bytes"] < row["size_bytes"]
     assert row["effective_macs"] < 0.9 * row["macs"]  # global: big low-MAC layers lose most
     log = [json.loads(line) for line in (out.parent / "weight-0.50.log.jsonl").read_text().splitlines()]

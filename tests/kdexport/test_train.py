@@ -255,6 +255,20 @@ def test_the_best_validation_epoch_is_kept(tmp_path, loaders):
     assert "top1" not in log[0]  # no per-epoch test accuracy: nothing to be tempted by
 
 
+def test_keep_last_saves_the_last_epoch_and_reports_its_validation(tmp_path, loaders):
+    """Fine-tuning keeps the last epoch: the saved weights and validation figures are the last epoch's."""
+    out = tmp_path / "m.pt"
+    metrics = fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("cosine", lr=0.5), 3, out,
+                  spec_for({}), keep="last")
+    log = [json.loads(line) for line in run_paths(out)[1].read_text().splitlines()]
+    assert metrics["best_epoch"] == 3 and metrics["val_top1"] == log[-1]["val_top1"]
+    model, _ = load_model(out)
+    assert evaluate(model, loaders[1])["top1"] == pytest.approx(log[-1]["val_top1"])
+    with pytest.raises(ConfigError, match="keep must be one of best, last"):
+        fit(models.create_model("lenet5"), ce_step, *loaders, get_recipe("cosine"), 1, tmp_path / "x.pt",
+            spec_for({}), keep="newest")
+
+
 def test_recipes_warm_up_then_decay():
     r = get_recipe("cosine")
     f = [lr_factor(r, i, 100) for i in range(100)]
