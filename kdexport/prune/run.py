@@ -9,7 +9,7 @@ stays in eval mode, so its BatchNorm statistics do not drift.
 
 After every pruning step the BatchNorm statistics are re-estimated on training batches, before fine-tuning.
 Default recipe: kdexport.vocab.finetune_recipe(), the student recipe (Nesterov SGD, cosine) at lr 0.01 without
-warm-up. The fine-tuned model is the epoch with the best validation accuracy.
+warm-up. The fine-tuned model is its last epoch (vocab.FINETUNE_KEEP: a rule chosen on validation).
 """
 
 from __future__ import annotations
