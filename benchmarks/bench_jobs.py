@@ -3,6 +3,12 @@ all threads against the same levels in forked workers with a share of the thread
 
     python benchmarks/bench_jobs.py RUN_DIR [--cases channel:0.3,channel:0.5,weight:0.5,weight:0.9]
                                             [--epochs 2] [--rounds 3] [--jobs N]
+    python benchmarks/bench_jobs.py --steps     (only the training-step times below)
+
+`--steps` times one training step (SGD, cross-entropy, random 32 px batches) of the README pair's models on all
+of torch's threads and on one, in alternating blocks of 8 steps (3 warm-up steps each), median of 16: MobileNet
+at batch 32 (the student's fine-tuning and the baseline) and DenseNet-169 at batch 64 (the teacher). The ratio
+says how much a stage gains from a second thread, and so whether stages are better run side by side.
 
 RUN_DIR is a `kdexport compress` run directory (its student.pt and teacher.pt). A first, untimed fine-tuning fills
 the teacher memo, as distillation does in compress. Each round then makes every case twice, interleaved so that a
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kdexport.jobs import run_side_by_side
+from kdexport.models import create_model
 from kdexport.prune import PruneConfig, prune_checkpoint
 
 
@@ -32,14 +39,45 @@ def level(run_dir: str, out: str, method: str, amount: float, epochs: int) -> fl
     return row["val_top1"]
 
 
+def step_times(rounds: int = 16) -> None:
+    threads = torch.get_num_threads()
+    for name, batch in (("mobilenet", 32), ("densenet169", 64)):
+        model = create_model(name, num_classes=10).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        times: dict[int, list[float]] = {threads: [], 1: []}
+        for _ in range(2):  # blocks of one thread count, alternating: switching it every step costs time itself
+            for n in times:
+                torch.set_num_threads(n)
+                for i in range(rounds // 2 + 3):
+                    t0 = time.perf_counter()
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    if i >= 3:
+                        times[n].append(time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        ms = {n: 1000 * statistics.median(t) for n, t in times.items()}
+        p90 = {n: 1000 * sorted(t)[int(0.9 * len(t))] for n, t in times.items()}
+        print(f"{name} batch {batch}: {ms[threads]:.1f} ms/step on {threads} threads, {ms[1]:.1f} ms on 1 "
+              f"(p90 {p90[threads]:.1f} / {p90[1]:.1f}); {threads} threads are "
+              f"{ms[1] / ms[threads]:.2f}x faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?")
+    parser.add_argument("--steps", action="store_true", help="only time training steps on all threads and on one")
     parser.add_argument("--cases", default="channel:0.3,channel:0.5,weight:0.5,weight:0.9")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=None)
     args = parser.parse_args()
+    if args.steps:
+        step_times()
+        return
+    if args.run_dir is None:
+        parser.error("RUN_DIR is required unless --steps")
     cases = [(m, float(a)) for m, a in (c.split(":") for c in args.cases.split(","))]
     jobs = args.jobs or torch.get_num_threads()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; side by side: {jobs} workers, "
