@@ -12,7 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import models
 from .checkpoint import load_checkpoint, load_model, write_json
@@ -346,18 +346,26 @@ def _compress(cfg: RunConfig, methods, levels, repeats: int, run_dir: Path, forc
     return CompressResult(run_dir, rows, table, summary, references)
 
 
+class _Stage(NamedTuple):
+    key: Any  # "baseline" or (method, level, repeat)
+    name: str
+    epochs: int  # how long it runs, for the order
+    make: Any  # the function that makes (or finds) its checkpoint
+    args: tuple
+
+
 def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bool, log) -> dict[Any, tuple]:
     """Make the baseline and the pruned levels' checkpoints: {"baseline" | (method, level, repeat): (path, s)}.
 
     They need nothing but the teacher and the student, so they run side by side (kdexport.jobs), the longest
     first; the parent measures them afterwards, so that latency is never timed beside a training run.
     """
-    stages = [("baseline", "baseline", cfg.distill_epochs, ensure_baseline, (cfg, run_dir, force))] if cfg.baseline \
-        else []
-    stages += [((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
-                finetune_epochs(m, cfg.finetune_epochs), level_checkpoint, (cfg, run_dir, m, lv, cfg.seed + r, force))
-               for m, lv, r in cells]
-    stages.sort(key=lambda stage: -stage[2])
+    stages = [_Stage("baseline", "baseline", cfg.distill_epochs, ensure_baseline, (cfg, run_dir, force))] \
+        if cfg.baseline else []
+    stages += [_Stage((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
+                      finetune_epochs(m, cfg.finetune_epochs), level_checkpoint,
+                      (cfg, run_dir, m, lv, cfg.seed + r, force)) for m, lv, r in cells]
+    stages.sort(key=lambda stage: -stage.epochs)
     jobs = min(len(stages), stage_jobs(cfg.jobs, pick_device(cfg.device), check_workers(cfg.workers, cfg.dataset) == 0))
     if stages:
         log(f"{len(stages)} stages after the student, " + (f"{jobs} at a time" if jobs > 1 else "one at a time"))
@@ -365,10 +373,10 @@ def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bo
 
     def done(i: int, result: tuple[Path, float]) -> None:
         finished.append(i)
-        log(f"[{len(finished)}/{len(stages)}] {stages[i][1]}: {result[1]:.0f} s")
+        log(f"[{len(finished)}/{len(stages)}] {stages[i].name}: {result[1]:.0f} s")
 
-    results = run_side_by_side([(_timed, (stage[3], *stage[4])) for stage in stages], jobs, done)
-    return {stage[0]: result for stage, result in zip(stages, results, strict=True)}
+    results = run_side_by_side([(_timed, (stage.make, *stage.args)) for stage in stages], jobs, done)
+    return {stage.key: result for stage, result in zip(stages, results, strict=True)}
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
