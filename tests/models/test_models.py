@@ -92,6 +92,25 @@ def test_torchvision_parity_at_1000_classes(name):
     assert repr(ours) == repr(ref)  # strides, eps, dropout rates: everything torchvision prints
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_bottleneck_resnets_start_with_zero_residual_branches(name):
+    """ResNet-50/101/152 zero every block's last BatchNorm scale (and say so in their revision, which enters every
+    run identity); ResNet-18/34 keep torchvision's default init, under which they already train."""
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=10)
+    bottleneck = name == "resnet50"
+    last_bns = [m.bn3 if bottleneck else m.bn2 for m in model.modules()
+                if isinstance(m, (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock))]
+    assert last_bns and all(bool((bn.weight == 0).all()) is bottleneck for bn in last_bns)
+    assert models.model_revision(name) == int(bottleneck)
+    assert {models.model_revision(n) for n in ("resnet101", "resnet152")} == {1}
+    if bottleneck:  # each block is the identity at first: the residual branch adds exactly zero
+        block = model.layer1[1].eval()
+        h = torch.relu(torch.randn(1, 256, 8, 8))
+        with torch.inference_mode():
+            torch.testing.assert_close(block(h), h, rtol=0, atol=0)
+
+
 def test_torchvision_list_is_complete():
     expected = {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {f"densenet{d}" for d in (161, 169, 201)}
     expected |= {f"efficientnet_b{i}" for i in range(6)} | {"mobilenet_v2", "squeezenet1_1"}
