@@ -1,6 +1,6 @@
 """How much fine-tuning a pruned student needs: validation top-1 after each fine-tuning epoch, per lr and schedule.
 
-    python benchmarks/bench_finetune.py RUN_DIR [--case METHOD:LEVEL:LR:SCHEDULE:EPOCHS ...] [--seeds 0,1,2]
+    python benchmarks/bench_finetune.py RUN_DIR [--case METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS] ...] [--seeds 0,1,2]
     python benchmarks/bench_finetune.py runs_s0 runs_s1 runs_s2 --case channel:0.5:0.01:cosine:16
 
 RUN_DIR is a `kdexport compress` run directory (its student.pt and teacher.pt are used as they are). With one,
@@ -9,8 +9,10 @@ is fine-tuned with its own run's seed (from its manifest), and the spread covers
 prunes the student (L1, the pipeline's default scope: global for weight, per layer for channel, round_to 8),
 re-estimates BatchNorm statistics, fine-tunes it with the pipeline's fine-tuning recipe (kdexport.vocab.
 finetune_recipe) at LR under SCHEDULE (constant, cosine or step), EPOCHS epochs, and reads the validation top-1
-after every epoch from the fine-tuning log (EPOCHS 0: pruning and recalibration alone). The final columns are
-the kept (best-validation) epoch's validation and test top-1, mean ± standard deviation over the seeds.
+after every epoch from the fine-tuning log (EPOCHS 0: pruning and recalibration alone). STEPS (default 1) prunes
+iteratively, as `kdexport prune --steps`: STEPS geometric steps to LEVEL, EPOCHS of fine-tuning after each (the
+curve runs over all of them). The final columns are the kept epoch's (kdexport.vocab.FINETUNE_KEEP) validation and
+test top-1, mean ± standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -32,10 +34,24 @@ DEFAULT_CASES = ["channel:0.5:0.01:cosine:0", "weight:0.9:0.01:cosine:0",
                  "weight:0.9:0.01:cosine:2", "weight:0.9:0.01:cosine:4", "weight:0.9:0.01:cosine:8"]
 
 
+def _fields(case: str) -> list[str]:
+    """METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS], STEPS defaulting to 1."""
+    fields = case.split(":")
+    if len(fields) not in (5, 6):
+        raise SystemExit(f"--case {case!r}: expected METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS]")
+    return fields + ["1"] * (6 - len(fields))
+
+
+def _each(runs: list[dict], key: str) -> str:
+    """"mean ± sd (a / b / c)": the spread and every run's value, in RUN_DIR or seed order."""
+    each = " / ".join(f"{r[key]:.2f}" for r in runs)
+    return pm(*mean_sd(r[key] for r in runs)) + (f" ({each})" if len(runs) > 1 else "")
+
+
 def run_case(run_dir: Path, case: str, out: Path, seed: int) -> dict:
-    method, level, lr, schedule, epochs = case.split(":")
-    config = PruneConfig(method=method, amount=float(level), round_to=8)
-    path = out / f"{method}-{level}-{lr}-{schedule}-{epochs}-s{seed}.pt"
+    method, level, lr, schedule, epochs, steps = _fields(case)
+    config = PruneConfig(method=method, amount=float(level), round_to=8, steps=int(steps))
+    path = out / f"{method}-{level}-{lr}-{schedule}-{epochs}-{steps}-s{seed}.pt"
     seed_everything(seed)
     t0 = time.perf_counter()
     row = prune_checkpoint(run_dir / "student.pt", config, path, finetune_epochs=int(epochs),
@@ -50,7 +66,7 @@ def run_case(run_dir: Path, case: str, out: Path, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--case", action="append", help="METHOD:LEVEL:LR:SCHEDULE:EPOCHS (repeatable)")
+    parser.add_argument("--case", action="append", help="METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS] (repeatable)")
     parser.add_argument("--seeds", default="0", help="comma list of fine-tuning seeds (one RUN_DIR only)")
     args = parser.parse_args()
     cases = args.case or DEFAULT_CASES
@@ -61,14 +77,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         runs = {case: [run_case(d, case, Path(out), seed) for d, seed in jobs] for case in cases}
     width = max(len(r["curve"]) for rs in runs.values() for r in rs) or 1
-    print("| method | level | lr | schedule | " + " | ".join(f"val epoch {e}" for e in range(1, width + 1))
+    print("| method | level | lr | schedule | steps | " + " | ".join(f"val epoch {e}" for e in range(1, width + 1))
           + " | kept: val top-1 | kept: test top-1 | seconds |")
-    print("|---|---:|---:|---|" + "---:|" * (width + 3))
+    print("|---|---:|---:|---|---:|" + "---:|" * (width + 3))
     for case, rs in runs.items():
-        method, level, lr, schedule, _ = case.split(":")
+        method, level, lr, schedule, _, steps = _fields(case)
         curve = [pm(*mean_sd(r["curve"][e] for r in rs if e < len(r["curve"]))) for e in range(width)]
-        print(f"| {method} | {float(level):.0%} | {lr} | {schedule} | " + " | ".join(curve)
-              + f" | {pm(*mean_sd(r['val_top1'] for r in rs))} | {pm(*mean_sd(r['top1'] for r in rs))} | "
+        print(f"| {method} | {float(level):.0%} | {lr} | {schedule} | {steps} | " + " | ".join(curve)
+              + f" | {_each(rs, 'val_top1')} | {_each(rs, 'top1')} | "
               f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |")
 
 
