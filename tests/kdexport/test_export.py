@@ -45,11 +45,15 @@ needs_trt = pytest.mark.skipif(not HAS_TRT, reason="needs a CUDA GPU and the ten
 
 def distilled(student: str, teacher: str = "resnet18") -> DistilledStudent:
     """An untrained DistilledStudent whose BatchNorm statistics come from 64 real images: otherwise several
-    students (mobilenet, efficientnet) give input-independent logits and parity on them would prove nothing."""
+    students (mobilenet, efficientnet) give input-independent logits and parity on them would prove nothing.
+    BatchNorm scales are drawn near 1, as after training: the bottleneck ResNets start with zero scales on their
+    residual branches, which fold into all-zero convs that the exporter stores once."""
     torch.manual_seed(0)
     model = DistilledStudent.from_names(teacher, student, num_classes=10, stem="imagenet", input_size=(3, 32, 32))
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
             m.reset_running_stats()
             m.momentum = None  # a plain average over the batch below
     with torch.no_grad():

@@ -18,11 +18,18 @@ README_PAIR = ("densenet169", "mobilenet")  # dens169-mobilenet: its defaults mu
 
 
 @pytest.mark.parametrize("name", RECIPES)
-@pytest.mark.parametrize("model", [*README_PAIR, "resnet50", "resnet18", "lenet5"])
+@pytest.mark.parametrize("model", [*README_PAIR, "resnet18", "lenet5"])
 def test_other_families_get_the_shared_recipes_and_their_old_run_identities(name, model):
     assert model_recipe(name, model) == get_recipe(name)
     assert "revision" not in train_run(model, 0, 10, model_recipe(name, model), "affine")
     assert models.model_revision(model) == 0
+
+
+@pytest.mark.parametrize("model", ["resnet50", "resnet101", "resnet152"])
+def test_bottleneck_resnets_keep_the_shared_recipes_and_their_runs_say_the_revision(model):
+    """Zero-initialised residual branches (zoo revision 1) change the run identity; the recipe stays shared."""
+    assert model_recipe("cosine", model) == get_recipe("cosine")
+    assert train_run(model, 0, 10, get_recipe("cosine"), "affine")["revision"] == models.model_revision(model) == 1
 
 
 @pytest.mark.parametrize("model", ["efficientnet_b0", "efficientnet_b1", "efficientnet_b3"])
