@@ -11,6 +11,7 @@ import dataclasses
 import socket
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -139,9 +140,10 @@ class RunConfig:
         """The image size every stage of the run works at."""
         return self.image_size or default_image_size(self.dataset)
 
-    @property
+    @cached_property
     def augmentation(self) -> str:
-        """What the run's training stages augment with (data.DatasetInfo.augmentation)."""
+        """What the run's training stages augment with (data.DatasetInfo.augmentation); read once, since for an
+        image folder it scans the class folders."""
         return dataset_info(self.dataset, self.data_dir).augmentation
 
 
