@@ -9,6 +9,7 @@ TensorRT's explicit quantisation does.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -54,7 +55,13 @@ def version() -> str:
     return openvino.__version__.split("-")[0]
 
 
+@functools.cache
 def _core():
+    """The process's one openvino.Core, never released before exit. Each Core's CPU plugin swaps in an
+    alternate signal stack of its own (mmap'd) and unmaps it when released, restoring the one it found only if
+    its own is still current. Two Cores released first-made-first (as garbage collection may) leave the
+    thread on an unmapped stack, and the next signal with a handler (SIGCHLD of a subprocess, Ctrl-C) kills
+    the process with SIGSEGV. Seen in OpenVINO 2026.4; tests/kdexport/test_runtimes.py reproduces it."""
     import openvino  # lazy: optional (kdexport[openvino])
 
     return openvino.Core()

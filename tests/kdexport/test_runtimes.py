@@ -4,6 +4,8 @@ refusals, option checks and the ONNX it is handed. Engine builds need a GPU (tes
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -43,6 +45,32 @@ def test_profile_openvino_ir_with_a_fixed_batch(tmp_path, teacher_ckpt):
     assert r.artifact_kind == "openvino" and [b.batch for b in r.results] == [2]
     assert any("batch 1 skipped" in n for n in r.notes)
     assert r.artifact_bytes == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+
+
+# Two runners made one after the other and released first-made-first, as garbage collection may, then a
+# signal with a Python handler. Each OpenVINO Core used to swap in an alternate signal stack of its own and
+# unmap it when released: with a Core per call (openvino_ir._core without its cache) this script dies with
+# SIGSEGV on OpenVINO 2026.4, as the test suite itself did at a subprocess's SIGCHLD.
+_SIGNAL_AFTER_RUNNERS = """
+import os, signal
+from onnx import TensorProto, helper
+from kdexport.export import openvino_ir
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+first, second = openvino_ir.compile_model(model), openvino_ir.compile_model(model)
+del first
+del second
+signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+@pytest.mark.openvino
+def test_openvino_leaves_signal_handlers_working():
+    run = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_RUNNERS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "handled", (run.returncode, run.stderr[-2000:])
 
 
 @pytest.mark.openvino
