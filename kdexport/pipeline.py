@@ -352,6 +352,7 @@ class _Stage(NamedTuple):
     key: Any  # "baseline" or (method, level, repeat)
     name: str
     epochs: int  # how long it runs, for the order
+    path: Path  # the checkpoint it makes
     make: Any  # the function that makes (or finds) its checkpoint
     args: tuple
 
@@ -359,26 +360,30 @@ class _Stage(NamedTuple):
 def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bool, log) -> dict[Any, tuple]:
     """Make the baseline and the pruned levels' checkpoints: {"baseline" | (method, level, repeat): (path, s)}.
 
-    They need nothing but the teacher and the student, so they run side by side (kdexport.jobs), the longest
-    first; the parent measures them afterwards, so that latency is never timed beside a training run.
+    They need nothing but the teacher and the student, so the ones still to make run side by side
+    (kdexport.jobs), the longest first; finished ones are checked here, with no worker forked for them. The parent
+    measures every checkpoint afterwards, so that latency is never timed beside a training run.
     """
-    stages = [_Stage("baseline", "baseline", cfg.distill_epochs, ensure_baseline, (cfg, run_dir, force))] \
-        if cfg.baseline else []
+    stages = [_Stage("baseline", "baseline", cfg.distill_epochs, run_dir / BASELINE_FILE, ensure_baseline,
+                     (cfg, run_dir, force))] if cfg.baseline else []
     stages += [_Stage((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
-                      finetune_epochs(m, cfg.finetune_epochs), level_checkpoint,
-                      (cfg, run_dir, m, lv, cfg.seed + r, force)) for m, lv, r in cells]
-    stages.sort(key=lambda stage: -stage.epochs)
-    jobs = min(len(stages), stage_jobs(cfg.jobs, pick_device(cfg.device), check_workers(cfg.workers, cfg.dataset) == 0))
-    if stages:
-        log(f"{len(stages)} stages after the student, " + (f"{jobs} at a time" if jobs > 1 else "one at a time"))
-    finished = []
+                      finetune_epochs(m, cfg.finetune_epochs), run_dir / level_file(m, lv, cfg.seed + r, cfg.seed),
+                      level_checkpoint, (cfg, run_dir, m, lv, cfg.seed + r, force)) for m, lv, r in cells]
+    found = [stage for stage in stages if not force and stage.path.is_file()]
+    todo = sorted((stage for stage in stages if stage not in found), key=lambda stage: -stage.epochs)
+    jobs = min(len(todo), stage_jobs(cfg.jobs, pick_device(cfg.device), check_workers(cfg.workers, cfg.dataset) == 0))
+    if todo:
+        log(f"{len(todo)} stage{'s' * (len(todo) != 1)} after the student, "
+            + (f"{jobs} at a time" if jobs > 1 else "one at a time")
+            + (f" ({len(found)} already made)" if found else ""))
+    made = {stage.key: _timed(stage.make, *stage.args) for stage in found}  # each checks its settings here
 
     def done(i: int, result: tuple[Path, float]) -> None:
-        finished.append(i)
-        log(f"[{len(finished)}/{len(stages)}] {stages[i].name}: {result[1]:.0f} s")
+        log(f"[{len(made) - len(found) + 1}/{len(todo)}] {todo[i].name}: {result[1]:.0f} s")
+        made[todo[i].key] = result
 
-    results = run_side_by_side([(_timed, (stage.make, *stage.args)) for stage in stages], jobs, done)
-    return {stage.key: result for stage, result in zip(stages, results, strict=True)}
+    run_side_by_side([(_timed, (stage.make, *stage.args)) for stage in todo], jobs, done)
+    return made
 
 
 def _timed(fn, *args) -> tuple[Any, float]:

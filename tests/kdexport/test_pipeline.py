@@ -59,6 +59,26 @@ def test_rerun_reuses_finished_stages(run_dir):
     assert len(payload["rows"]) == 4 and payload["summary"]
 
 
+
+def test_a_rerun_forks_workers_only_for_stages_still_to_make(run_dir, tmp_path, monkeypatch):
+    """Finished stages are checked in the run's own process; only a missing one goes to run_side_by_side."""
+    import shutil
+
+    import kdexport.pipeline as pipeline
+
+    sent = []
+    real = pipeline.run_side_by_side
+    monkeypatch.setattr(pipeline, "run_side_by_side", lambda calls, jobs, done: sent.append(len(calls)) or
+                        real(calls, jobs, done))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert runner.invoke(app, ["compress", *FAST, "--out", str(run), "--jobs", "2"]).exit_code == 0
+    (run / "channel-0.50.pt").unlink()
+    result = runner.invoke(app, ["compress", *FAST, "--out", str(run), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert sent == [0, 1]
+    assert "1 stage after the student, one at a time (2 already made)" in result.output
+
 @pytest.mark.parametrize("changed, message", [
     (["--teacher-epochs", "2"], "teacher"),
     (["--finetune-lr", "0.02"], "weight-0.50"),  # the student is reused; its pruned levels are not
