@@ -3,7 +3,7 @@
     python benchmarks/bench_keep_epoch.py RUN_DIR:SEED [RUN_DIR:SEED ...] --out DIR [--splits 500]
 
 Each RUN_DIR is a `kdexport compress` run directory (student.pt, teacher.pt) and SEED its --seed. For every level
-compress fine-tunes (weight 30-90% for 4 epochs, channel 30-90% for 20; weight first, so that the first run fills
+compress fine-tunes (weight and channel 30-90%, for vocab.FINETUNE_EPOCHS; weight first, so that the first run fills
 the teacher memo for the rest), the fine-tuning is redone as compress does it, recording after each epoch which
 validation images the model gets right and their cross-entropy (DIR/s<SEED>-<method>-<level>.npz; existing files
 are reused, so an interrupted run continues). The test split is never read.

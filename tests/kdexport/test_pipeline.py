@@ -189,7 +189,7 @@ def test_decisions_know_their_noise():
 
 
 def test_fine_tuning_budget_per_method():
-    assert (finetune_epochs("weight"), finetune_epochs("channel")) == (4, 20)  # from the recovery curves
+    assert (finetune_epochs("weight"), finetune_epochs("channel")) == (8, 20)  # from the recovery curves
     assert finetune_epochs("channel", 3) == 3 and finetune_epochs("weight", 0) == 0  # --finetune-epochs sets both
     assert RunConfig(pair="lenet5:lenet300_100").finetune_epochs is None
     with pytest.raises(ConfigError, match="--finetune-epochs"):
