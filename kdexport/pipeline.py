@@ -369,8 +369,10 @@ def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bo
     stages += [_Stage((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
                       finetune_epochs(m, cfg.finetune_epochs), run_dir / level_file(m, lv, cfg.seed + r, cfg.seed),
                       level_checkpoint, (cfg, run_dir, m, lv, cfg.seed + r, force)) for m, lv, r in cells]
-    found = [stage for stage in stages if not force and stage.path.is_file()]
-    todo = sorted((stage for stage in stages if stage not in found), key=lambda stage: -stage.epochs)
+    found, todo = [], []
+    for stage in stages:
+        (found if not force and stage.path.is_file() else todo).append(stage)
+    todo.sort(key=lambda stage: -stage.epochs)
     jobs = min(len(todo), stage_jobs(cfg.jobs, pick_device(cfg.device), check_workers(cfg.workers, cfg.dataset) == 0))
     if todo:
         log(f"{len(todo)} stage{'s' * (len(todo) != 1)} after the student, "

@@ -59,7 +59,6 @@ def test_rerun_reuses_finished_stages(run_dir):
     assert len(payload["rows"]) == 4 and payload["summary"]
 
 
-
 def test_a_rerun_forks_workers_only_for_stages_still_to_make(run_dir, tmp_path, monkeypatch):
     """Finished stages are checked in the run's own process; only a missing one goes to run_side_by_side."""
     import shutil
@@ -78,6 +77,7 @@ def test_a_rerun_forks_workers_only_for_stages_still_to_make(run_dir, tmp_path, 
     assert result.exit_code == 0, result.output
     assert sent == [0, 1]
     assert "1 stage after the student, one at a time (2 already made)" in result.output
+
 
 @pytest.mark.parametrize("changed, message", [
     (["--teacher-epochs", "2"], "teacher"),
