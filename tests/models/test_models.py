@@ -85,6 +85,10 @@ def test_torchvision_parity_at_1000_classes(name):
         ref = getattr(torchvision.models, name)(weights=None, **no_regularisers)
         if name.startswith("squeezenet"):
             ref.classifier[2] = nn.Identity()  # no ReLU on the logits (models/squeezenet.py)
+        for bn in ref.modules():  # EfficientNet-B5's BatchNorm keeps torch's momentum (models/efficientnet.py)
+            if name == "efficientnet_b5" and isinstance(bn, nn.BatchNorm2d):
+                assert (bn.eps, bn.momentum) == (0.001, 0.01)
+                bn.momentum = 0.1
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     sd, ref_sd = ours.state_dict(), ref.state_dict()
     assert list(sd) == list(ref_sd)
