@@ -1,6 +1,7 @@
 """How much fine-tuning a pruned student needs: validation top-1 after each fine-tuning epoch, per lr and schedule.
 
-    python benchmarks/bench_finetune.py RUN_DIR [--case METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS] ...] [--seeds 0,1,2]
+    python benchmarks/bench_finetune.py RUN_DIR [--case METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS[:WARMUP]] ...]
+        [--seeds 0,1,2]
     python benchmarks/bench_finetune.py runs_s0 runs_s1 runs_s2 --case channel:0.5:0.01:cosine:16
 
 RUN_DIR is a `kdexport compress` run directory (its student.pt and teacher.pt are used as they are). With one,
@@ -35,11 +36,11 @@ DEFAULT_CASES = ["channel:0.5:0.01:cosine:0", "weight:0.9:0.01:cosine:0",
 
 
 def _fields(case: str) -> list[str]:
-    """METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS], STEPS defaulting to 1."""
+    """METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS[:WARMUP]], STEPS defaulting to 1 and WARMUP to 0."""
     fields = case.split(":")
-    if len(fields) not in (5, 6):
-        raise SystemExit(f"--case {case!r}: expected METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS]")
-    return fields + ["1"] * (6 - len(fields))
+    if len(fields) not in (5, 6, 7):
+        raise SystemExit(f"--case {case!r}: expected METHOD:LEVEL:LR:SCHEDULE:EPOCHS[:STEPS[:WARMUP]]")
+    return fields + ["1", "0"][len(fields) - 5:]
 
 
 def _each(runs: list[dict], key: str) -> str:
@@ -49,14 +50,15 @@ def _each(runs: list[dict], key: str) -> str:
 
 
 def run_case(run_dir: Path, case: str, out: Path, seed: int) -> dict:
-    method, level, lr, schedule, epochs, steps = _fields(case)
+    method, level, lr, schedule, epochs, steps, warmup = _fields(case)
     config = PruneConfig(method=method, amount=float(level), round_to=8, steps=int(steps))
-    path = out / f"{method}-{level}-{lr}-{schedule}-{epochs}-{steps}-s{seed}.pt"
+    path = out / f"{method}-{level}-{lr}-{schedule}-{epochs}-{steps}-{warmup}-s{seed}.pt"
     seed_everything(seed)
     t0 = time.perf_counter()
     row = prune_checkpoint(run_dir / "student.pt", config, path, finetune_epochs=int(epochs),
                            teacher_ckpt=run_dir / "teacher.pt", seed=seed,
-                           recipe=dataclasses.replace(finetune_recipe(float(lr)), schedule=schedule))
+                           recipe=dataclasses.replace(finetune_recipe(float(lr)), schedule=schedule,
+                                                     warmup=float(warmup)))
     log = path.with_name(path.stem + ".log.jsonl")
     curve = [json.loads(line)["val_top1"] for line in log.read_text().splitlines()] if log.is_file() else []
     return {"case": case, "curve": curve, "top1": row["top1"], "val_top1": row["val_top1"],
@@ -77,13 +79,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         runs = {case: [run_case(d, case, Path(out), seed) for d, seed in jobs] for case in cases}
     width = max(len(r["curve"]) for rs in runs.values() for r in rs) or 1
-    print("| method | level | lr | schedule | steps | " + " | ".join(f"val epoch {e}" for e in range(1, width + 1))
-          + " | kept: val top-1 | kept: test top-1 | seconds |")
-    print("|---|---:|---:|---|---:|" + "---:|" * (width + 3))
+    epochs = " | ".join(f"val epoch {e}" for e in range(1, width + 1))
+    print(f"| method | level | lr | schedule | steps | warm-up | {epochs} | kept: val top-1 | kept: test top-1 "
+          "| seconds |")
+    print("|---|---:|---:|---|---:|---:|" + "---:|" * (width + 3))
     for case, rs in runs.items():
-        method, level, lr, schedule, _, steps = _fields(case)
+        method, level, lr, schedule, _, steps, warmup = _fields(case)
         curve = [pm(*mean_sd(r["curve"][e] for r in rs if e < len(r["curve"]))) for e in range(width)]
-        print(f"| {method} | {float(level):.0%} | {lr} | {schedule} | {steps} | " + " | ".join(curve)
+        print(f"| {method} | {float(level):.0%} | {lr} | {schedule} | {steps} | {warmup} | " + " | ".join(curve)
               + f" | {_each(rs, 'val_top1')} | {_each(rs, 'top1')} | "
               f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |")
 
