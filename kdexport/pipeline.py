@@ -340,7 +340,7 @@ def _compress(cfg: RunConfig, methods, levels, repeats: int, run_dir: Path, forc
             for m, lv, r in cells]
     table, summary = summarise(rows, cfg.tolerance, cfg.breakpoint_method, cfg.profile)
     student_row = next((r for r in rows if r["level"] == 0), None) or measure(student, cfg)
-    summary = reference_lines(references, student_row, cfg.pair_spec) + summary
+    summary = reference_lines(references, student_row, cfg.pair_spec, cfg.tolerance) + summary
     write_json(run_dir / RESULTS_FILE, {"config": dataclasses.asdict(cfg), "rows": rows, "table": table,
                                           "summary": summary, **{k: {**v, "test_top1": v["top1"]}
                                                                  for k, v in references.items()}})

@@ -122,8 +122,14 @@ def ship_line(chosen: list[tuple[str, dict[str, Any]]], fastest: list[tuple[str,
     return f"ship: {what} ({why}): test top-1 {pm(row['top1'], row['top1_sd'])}%{note}"
 
 
-def reference_lines(references: dict[str, dict[str, Any]], student: dict[str, Any], pair) -> list[str]:
-    """The teacher, and the student trained alone beside the distilled one: what distillation is worth."""
+def reference_lines(references: dict[str, dict[str, Any]], student: dict[str, Any], pair,
+                    tolerance: float = 1.0) -> list[str]:
+    """The teacher, and the student trained alone beside the distilled one: what distillation is worth.
+
+    A warning follows when the student trained alone beats the distilled one on validation by more than
+    `tolerance` points, since every pruned level (and `ship:`) starts from the distilled student; it names the
+    teacher as the likely cause when the teacher, too, is below the student trained alone.
+    """
     lines = []
     teacher = references.get("teacher")
     if teacher:
@@ -138,7 +144,24 @@ def reference_lines(references: dict[str, dict[str, Any]], student: dict[str, An
                      f"{base['deployed_params']:,.0f} params; distilled: test top-1 {student['top1']:.2f}% "
                      f"(val {_acc(student)}), {student['deployed_params']:,.0f} deployed params: distillation "
                      f"{gain:+.2f} pt on test{val_gain}")
+        lines += _distillation_warning(teacher, base, student, tolerance)
     return lines
+
+
+def _distillation_warning(teacher: dict[str, Any] | None, base: dict[str, Any], student: dict[str, Any],
+                          tolerance: float) -> list[str]:
+    """[a warning] when distillation lost more than `tolerance` validation points, else []."""
+    if None in (student.get("val_top1"), base.get("val_top1")) or \
+            base["val_top1"] - student["val_top1"] <= tolerance:
+        return []
+    line = (f"warning: distillation lost {base['val_top1'] - student['val_top1']:.2f} pt on val, more than the "
+            f"{tolerance:g}-pt tolerance, and every pruned level starts from the distilled student: the student "
+            "trained alone (baseline.pt) is the better model to start from")
+    if teacher and teacher.get("val_top1") is not None and teacher["val_top1"] < base["val_top1"]:
+        line += (f"; the teacher (val {teacher['val_top1']:.2f}%) is below it too, and the distilled student "
+                 "classifies through the teacher's head: train the teacher longer (--teacher-epochs) or pass a "
+                 "better one (--teacher)")
+    return [line]
 
 
 def _acc(row: dict[str, Any]) -> str:

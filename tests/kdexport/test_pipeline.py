@@ -7,10 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kdexport import models
 from kdexport.cli import app
 from kdexport.errors import ConfigError
 from kdexport.pipeline import RunConfig
-from kdexport.summary import summarise
+from kdexport.summary import reference_lines, summarise
 from kdexport.vocab import finetune_epochs, parse_levels
 
 runner = CliRunner()
@@ -159,6 +160,21 @@ def test_without_latency_ship_ranks_by_the_deployed_file_and_says_weight_files_s
     _, summary = summarise(rows, 1.0)
     assert summary[-1].startswith("ship: channel-pruned student at 50% (smallest deployed file")
     assert "stay dense" in summary[-1]
+
+
+def test_a_distilled_student_below_the_student_trained_alone_is_flagged_on_validation():
+    """Beyond the tolerance on val (test does not decide), with the teacher named when it, too, is below."""
+    pair = models.resolve_pair("dens169-mobilenet")
+    row = {"top1": 78.06, "val_top1": 78.70, "deployed_params": 2e7, "macs": 1e6}
+    refs = {"teacher": {**row, "top1": 84.44, "val_top1": 86.11}, "baseline": {**row, "top1": 93.89, "val_top1": 94.44}}
+    lines = reference_lines(refs, row, pair, tolerance=1.0)
+    assert len(lines) == 3 and lines[2].startswith("warning: distillation lost 15.74 pt on val")
+    assert "baseline.pt" in lines[2] and "--teacher-epochs" in lines[2]
+    good_teacher = {**refs, "teacher": {**refs["teacher"], "val_top1": 99.0}}
+    assert "--teacher-epochs" not in reference_lines(good_teacher, row, pair)[2]
+    close = {**refs, "baseline": {**refs["baseline"], "top1": 10.0, "val_top1": 79.6}}  # 0.9 pt on val: within
+    assert len(reference_lines(close, row, pair, tolerance=1.0)) == 2
+    assert len(reference_lines(close, row, pair, tolerance=0.5)) == 3
 
 
 def test_test_accuracy_never_feeds_a_choice():
