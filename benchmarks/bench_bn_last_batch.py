@@ -16,7 +16,6 @@ this prints validation top-1 (eval mode):
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 
@@ -45,7 +44,7 @@ def main() -> None:
         model, spec = load_model(path)
         train, val, _ = split_loaders(spec["dataset"], args.batch_size, None, spec["val_fraction"],
                                       image_size=spec["input_size"][1:], workers=0)
-        batches = [x for x, _ in itertools.islice(train, len(train))]
+        batches = [x for x, _ in train]
         full = [x for x in batches if len(x) == args.batch_size]
         partial = [x for x in batches if len(x) < args.batch_size]
         if not partial:
