@@ -222,7 +222,7 @@ STUDENT_RECIPE = "cosine"  # students: `distill`, the student-alone baseline, fi
 # epochs to 8 on each of three seeds (of 4 at lr 0.01 or 0.003, 8, and 3 iterative steps of 4); a
 # 50%-channel-pruned one gains 2-5 points of validation accuracy from 10 epochs to 16, and 0.5 more at 20 (the
 # students' own 20 epochs, whose teacher outputs the fine-tuning finds in distill.TeacherMemo).
-FINETUNE_LR = 0.01
+FINETUNE_LR = 0.01  # lr 0.02 and the student recipe (0.05, warm-up) were within the noise on nine channel-50% runs
 FINETUNE_EPOCHS = {"weight": 8, "channel": 20}
 # Which epoch a training run saves (train.fit): the best on validation, or the last. Fine-tuning keeps the last: in
 # 11 of 14 of the README pair's fine-tuning runs, the best epoch chosen on one half of validation scored lower on
