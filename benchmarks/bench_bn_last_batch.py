@@ -2,8 +2,9 @@
 
     python benchmarks/bench_bn_last_batch.py CHECKPOINT [CHECKPOINT ...] [--full 20]
 
-Training loaders keep their last batch (`drop_last=False`), so on the digits' 1,221 training images every epoch
-ends with a batch of 1221 mod 32 = 5 (batch 32) or 5 (batch 64), and validation follows it. For each checkpoint
+Training loaders kept their last batch before recipes dropped it (`Recipe.drop_last`), so on the digits' 1,221
+training images every epoch ended with a batch of 1221 mod 32 = 5 (batch 32) or 5 (batch 64), and validation
+followed it. This reads the loader with its partial batch kept. For each checkpoint
 this prints validation top-1 (eval mode):
 - as saved;
 - after `--full` full training batches in train mode, from the saved statistics at each BatchNorm's own
@@ -43,7 +44,7 @@ def main() -> None:
         seed_everything(0)
         model, spec = load_model(path)
         train, val, _ = split_loaders(spec["dataset"], args.batch_size, None, spec["val_fraction"],
-                                      image_size=spec["input_size"][1:], workers=0)
+                                      image_size=spec["input_size"][1:], workers=0, drop_last=False)
         batches = [x for x, _ in train]
         full = [x for x in batches if len(x) == args.batch_size]
         partial = [x for x in batches if len(x) < args.batch_size]

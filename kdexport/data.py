@@ -365,8 +365,10 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
                 limit: int | None = None, download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
-                image_size=None, workers: int | None = None, pin_memory: bool = False) -> DataLoader:
+                image_size=None, workers: int | None = None, pin_memory: bool = False,
+                drop_last: bool = False) -> DataLoader:
     """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
+    `drop_last` drops the partial last batch, but only when the split holds at least one full batch.
 
     Shuffling and augmentation draw from torch's global RNG: seed it (train.seed_everything) for a repeatable run.
     With `workers` > 0 (image folders' default, `default_workers`) each worker's RNG is seeded from that RNG when
@@ -377,7 +379,7 @@ def make_loader(name: str, split: str, batch_size: int, root: str | Path | None 
                      val_fraction=val_fraction, image_size=image_size)
     if limit is not None:
         ds = Subset(ds, range(min(limit, len(ds))))
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False,
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=drop_last and len(ds) >= batch_size,
                       num_workers=check_workers(workers, name), pin_memory=pin_memory)
 
 

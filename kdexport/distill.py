@@ -277,7 +277,7 @@ def distill(teacher_ckpt: str | Path, pair_name: str | None, out: str | Path, *,
     student = new_student(spec, teacher, pretrained)
     dev = pick_device(device)
     train, val, test = split_loaders(tspec["dataset"], recipe.batch_size, data_dir, spec["val_fraction"],
-                                     image_size=size, workers=workers, device=dev)
+                                     image_size=size, workers=workers, device=dev, drop_last=recipe.drop_last)
     if config.method == "simkd" and config.match_bn:
         with torch.no_grad():
             calib = torch.cat([x for x, _ in itertools.islice(iter(train), 4)])

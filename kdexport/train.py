@@ -300,12 +300,14 @@ def train_run(model_name: str, seed: int, epochs: int, recipe: Recipe, augmentat
 
 def split_loaders(dataset: str, batch_size: int, data_dir: str | Path | None, val_fraction: float,
                   download: bool = False, image_size=None, workers: int | None = None,
-                  device: torch.device | str = "cpu") -> tuple[DataLoader, DataLoader, DataLoader]:
+                  device: torch.device | str = "cpu",
+                  drop_last: bool = True) -> tuple[DataLoader, DataLoader, DataLoader]:
     """(train shuffled and augmented, val, test) loaders of one dataset at `image_size` (the dataset's default
-    when None), with `workers` processes each (`data.default_workers` when None); pinned memory for CUDA."""
+    when None), with `workers` processes each (`data.default_workers` when None); pinned memory for CUDA.
+    `drop_last` (a recipe's) drops the training split's partial last batch."""
     common = dict(image_size=image_size, workers=workers, pin_memory=torch.device(device).type == "cuda")
     train = make_loader(dataset, "train", batch_size, data_dir, download=download, val_fraction=val_fraction,
-                        **common)
+                        drop_last=drop_last, **common)
     val = make_loader(dataset, "val", 256, data_dir, val_fraction=val_fraction, **common)
     return train, val, make_loader(dataset, "test", 256, data_dir, **common)
 
@@ -335,7 +337,8 @@ def train_classifier(model_name: str, dataset: str, out: Path, *, epochs: int, r
                       seed=seed, run=run, val_fraction=val_fraction)
     dev = pick_device(device)
     train, val, test = split_loaders(dataset, recipe.batch_size, data_dir, val_fraction, download=download,
-                                     image_size=info.input_size[1:], workers=workers, device=dev)
+                                     image_size=info.input_size[1:], workers=workers, device=dev,
+                                     drop_last=recipe.drop_last)
     return fit(model, ce_step, train, val, test, recipe, epochs, Path(out), spec, device=dev,
                seed=seed, resume=resume, label=f"train {model_name}")
 

@@ -193,7 +193,7 @@ def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str 
         step, objective, teacher = _objective(model, spec, ckpt_path, teacher_ckpt, dev)
     train, val, test = split_loaders(spec["dataset"], recipe.batch_size, data_dir,
                                      spec.get("val_fraction", DEFAULT_VAL_FRACTION), image_size=size,
-                                     workers=workers, device=dev)
+                                     workers=workers, device=dev, drop_last=recipe.drop_last)
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
               "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,

@@ -107,6 +107,23 @@ def test_a_weight_level_pruned_without_the_layer_floor_is_not_reused(run_dir, tm
     assert result.exit_code == 2 and "weight-0.50" in result.output and "min_layer_density" in result.output
 
 
+def test_a_student_trained_on_the_partial_last_batch_is_not_reused(run_dir, tmp_path):
+    """Stages from before the training loaders dropped their partial last batch (no `drop_last` in the recipe of
+    their run identity) are refused with the field named, not silently reused."""
+    import shutil
+
+    from kdexport.checkpoint import load_checkpoint, save_checkpoint
+
+    old = tmp_path / "run"
+    shutil.copytree(run_dir, old)
+    state, spec = load_checkpoint(old / "student.pt")
+    assert spec["run"]["recipe"]["drop_last"] is True
+    del spec["run"]["recipe"]["drop_last"]
+    save_checkpoint(old / "student.pt", state, spec)
+    result = runner.invoke(app, ["compress", *FAST, "--out", str(old)])
+    assert result.exit_code == 2 and "student.pt" in result.output and "recipe.drop_last" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--levels", "0,1.0"], "[0, 1)"),
     (["--levels", "a,b"], "--levels 'a,b'"),
