@@ -365,8 +365,7 @@ def get_dataset(name: str, split: str = "train", root: str | Path | None = None,
 
 def make_loader(name: str, split: str, batch_size: int, root: str | Path | None = None, augment: bool | None = None,
                 limit: int | None = None, download: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
-                image_size=None, workers: int | None = None, pin_memory: bool = False,
-                drop_last: bool = False) -> DataLoader:
+                image_size=None, workers: int | None = None, pin_memory: bool = False, drop_last=False) -> DataLoader:
     """A DataLoader; training splits are shuffled and augmented unless told otherwise. `limit` keeps a prefix.
     `drop_last` drops the partial last batch, but only when the split holds at least one full batch.
 
