@@ -134,13 +134,13 @@ def test_make_loader_limit_and_order():
     assert torch.equal(batches[0][0], sample_batch("digits", 8))  # test split: not shuffled, not augmented
 
 
-
 def test_a_training_loader_drops_only_a_partial_last_batch():
     """drop_last (every recipe's default) drops the few images left over, unless there is no full batch at all."""
     sizes = lambda **kw: [len(y) for _, y in make_loader("digits", "train", 8, **kw)]  # noqa: E731
     assert sorted(sizes(limit=20)) == [4, 8, 8]
     assert sizes(limit=20, drop_last=True) == [8, 8]
     assert sizes(limit=5, drop_last=True) == [5]  # too small for one batch: it still trains
+
 
 # ----------------------------------------------------------------------------------------------- CIFAR
 def cifar_images(n: int) -> np.ndarray:
