@@ -17,6 +17,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from kdexport.summary import mean_sd, pm
+
 
 def _load(run_dir: str) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
@@ -24,10 +26,6 @@ def _load(run_dir: str) -> dict:
 
 def _student(results: dict) -> dict:
     return next(r for r in results["rows"] if r["level"] == 0)
-
-
-def _mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
 def seeds_table(run_dirs: list[str]) -> list[str]:
@@ -38,7 +36,7 @@ def seeds_table(run_dirs: list[str]) -> list[str]:
     def line(name: str, cells: list[dict], vs_student: bool) -> None:
         diffs = [c["top1"] - _student(r)["top1"] for c, r in zip(cells, runs, strict=True)]
         lines.append(f"| {name} | " + " | ".join(f"{c['top1']:.2f} ({c['val_top1']:.2f})" for c in cells)
-                     + f" | {_mean_sd([c['top1'] for c in cells])} | "
+                     + f" | {pm(*mean_sd(c['top1'] for c in cells))} | "
                      + (" / ".join(f"{d:+.2f}" for d in diffs) if vs_student else "") + " |")
 
     line("teacher", [r["teacher"] for r in runs], False)
@@ -63,7 +61,7 @@ def pairs_table(run_dirs: list[str]) -> list[str]:
         cols = [[r["teacher"]["top1"] for r in runs], [_student(r)["top1"] for r in runs],
                 [r["baseline"]["top1"] for r in runs]]
         gain = [s - b for s, b in zip(cols[1], cols[2], strict=True)]
-        cells = [f"{_mean_sd(c)} ({' / '.join(f'{v:.2f}' for v in c)})" for c in cols]
+        cells = [f"{pm(*mean_sd(c))} ({' / '.join(f'{v:.2f}' for v in c)})" for c in cols]
         warned = sum(any(s.startswith("warning:") for s in r["summary"]) for r in runs)
         lines.append(f"| {pair} | {', '.join(str(r['config']['seed']) for r in runs)} | " + " | ".join(cells)
                      + f" | {statistics.mean(gain):+.2f} ({' / '.join(f'{g:+.2f}' for g in gain)}) | {warned} |")
