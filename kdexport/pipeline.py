@@ -245,7 +245,7 @@ def level_checkpoint(cfg: RunConfig, run_dir: Path, method: str, level: float, s
     if level == 0:
         return student  # the unpruned student is level 0 of both methods
     config = PruneConfig(method=method, amount=level, scope=cfg.scope, round_to=cfg.round_to)
-    path = run_dir / level_file(method, level, seed, cfg.seed)
+    path = level_path(cfg, run_dir, method, level, seed)
     if not force and path.is_file():
         _check_level_settings(path, config, cfg, finetune_recipe(cfg.finetune_lr))
     else:
@@ -255,6 +255,11 @@ def level_checkpoint(cfg: RunConfig, run_dir: Path, method: str, level: float, s
                          device=cfg.device, workers=cfg.workers)
         record_stage(run_dir, cfg, path.stem, {"path": path.name})
     return path
+
+
+def level_path(cfg: RunConfig, run_dir: Path, method: str, level: float, seed: int) -> Path:
+    """Where a pruned level's checkpoint lives (a repeat's seed in its name)."""
+    return run_dir / level_file(method, level, seed, cfg.seed)
 
 
 def level_row(cfg: RunConfig, path: Path, duration_s: float, *, method: str, level: float, seed: int) -> dict[str, Any]:
@@ -271,11 +276,11 @@ def _check_level_settings(path: Path, config, cfg: RunConfig, recipe) -> None:
     prune = spec.get("prune") or {}
     epochs = finetune_epochs(config.method, cfg.finetune_epochs)
     wanted = {"method": config.method, "amount": config.amount, "scope": config.scope, "finetune_epochs": epochs,
-              "finetune_scope": cfg.finetune_scope, "recipe": recipe.to_dict() if epochs else None,
+              "finetune_scope": cfg.finetune_scope, "recipe": recipe.to_dict(),  # its loader recalibrates BN too
               "bn_recalibration": True, "keep_epoch": FINETUNE_KEEP if epochs else None}
     if config.method == "weight":
         wanted["min_layer_density"] = config.min_layer_density
-    made = {k: prune.get(k) for k in wanted} | ({} if epochs else {"recipe": None})
+    made = {k: prune.get(k) for k in wanted}
     check_same_run(str(path), made, wanted, "pass --force to recompute it")
 
 
@@ -367,7 +372,7 @@ def _after_student(cfg: RunConfig, run_dir: Path, cells, repeats: int, force: bo
     stages = [_Stage("baseline", "baseline", cfg.distill_epochs, run_dir / BASELINE_FILE, ensure_baseline,
                      (cfg, run_dir, force))] if cfg.baseline else []
     stages += [_Stage((m, lv, r), f"{m} pruning at {lv:.0%}" + (f" (repeat {r + 1}/{repeats})" if repeats > 1 else ""),
-                      finetune_epochs(m, cfg.finetune_epochs), run_dir / level_file(m, lv, cfg.seed + r, cfg.seed),
+                      finetune_epochs(m, cfg.finetune_epochs), level_path(cfg, run_dir, m, lv, cfg.seed + r),
                       level_checkpoint, (cfg, run_dir, m, lv, cfg.seed + r, force)) for m, lv, r in cells]
     found, todo = [], []
     for stage in stages:

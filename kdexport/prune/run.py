@@ -196,7 +196,7 @@ def _prune_checkpoint(ckpt_path: str | Path, config: PruneConfig, out_path: str 
                                      workers=workers, device=dev, drop_last=recipe.drop_last)
 
     record = {**config.to_dict(), "finetune_epochs": finetune_epochs, "finetune_scope": finetune_scope,
-              "objective": objective, "recipe": recipe.to_dict() if finetune_epochs else None,
+              "objective": objective, "recipe": recipe.to_dict() if finetune_epochs or recalibrate_bn else None,
               "bn_recalibration": recalibrate_bn, "keep_epoch": FINETUNE_KEEP if finetune_epochs else None,
               "teacher": str(teacher) if teacher else None, "source": str(ckpt_path), "seed": seed,
               "previous": spec.get("prune")}

@@ -124,6 +124,27 @@ def test_a_student_trained_on_the_partial_last_batch_is_not_reused(run_dir, tmp_
     assert result.exit_code == 2 and "student.pt" in result.output and "recipe.drop_last" in result.output
 
 
+def test_a_level_recalibrated_on_other_batches_is_not_reused(run_dir, tmp_path):
+    """Without fine-tuning a level still re-estimates BatchNorm on the recipe's loader (its batch size, its last
+    batch), so the recipe is part of its identity at --finetune-epochs 0 too."""
+    import shutil
+
+    from kdexport.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for level in run.glob("*-0.50.pt"):
+        level.unlink()
+    args = ["compress", *FAST, "--finetune-epochs", "0", "--out", str(run)]
+    assert runner.invoke(app, args).exit_code == 0
+    state, spec = load_checkpoint(run / "channel-0.50.pt")
+    assert spec["prune"]["recipe"]["drop_last"] is True
+    spec["prune"]["recipe"]["batch_size"] *= 2
+    save_checkpoint(run / "channel-0.50.pt", state, spec)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "channel-0.50" in result.output and "recipe.batch_size" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--levels", "0,1.0"], "[0, 1)"),
     (["--levels", "a,b"], "--levels 'a,b'"),
