@@ -195,7 +195,7 @@ def distillation_step(student: nn.Module, teacher: nn.Module, method: str, tempe
 
     `memo`: read the teacher's outputs through a TeacherMemo (exact; it pays when stages repeat batches).
     """
-    teacher.eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as the student (train.to_batch)
     if memo:
         teacher = TeacherMemo(teacher)
     if method == "simkd":
