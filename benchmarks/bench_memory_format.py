@@ -17,20 +17,11 @@ import statistics
 import time
 
 import torch
-from bench_distill_step import cpu_model, percentile  # the benchmarks folder is on sys.path
+from bench_distill_step import cpu_model, percentile, train_step  # the benchmarks folder is on sys.path
 
 from kdexport import models
 from kdexport.data import sample_batch
 from kdexport.train import ce_step, get_recipe, make_optimizer
-
-
-def timed_step(model, opt, x, y) -> float:
-    t0 = time.perf_counter()
-    loss, _ = ce_step(model, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -52,13 +43,14 @@ def main() -> None:
         last = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
         runs = {}
         for key, model, batch in (("nchw", nchw, x), ("last", last, x.contiguous(memory_format=torch.channels_last))):
-            runs[key] = (model, make_optimizer(list(model.parameters()), get_recipe("cosine"), 1, 10 ** 6)[0], batch)
+            runs[key] = (model, *make_optimizer(list(model.parameters()), get_recipe("cosine"), 1, 10 ** 6), batch)
         times = {"nchw": [], "last": []}
         for i in range(args.warmup + args.steps):
-            for key, (model, opt, batch) in runs.items():
-                dt = timed_step(model, opt, batch, y)
+            for key, (model, opt, sched, batch) in runs.items():
+                t0 = time.perf_counter()
+                train_step(model, ce_step, opt, sched, batch, y)
                 if i >= args.warmup:
-                    times[key].append(dt * 1e3)
+                    times[key].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"| {name} | {med['nchw']:.0f} ({percentile(times['nchw'], 90):.0f}) | {med['last']:.0f} "
               f"({percentile(times['last'], 90):.0f}) | {med['nchw'] / med['last']:.2f}x |")
